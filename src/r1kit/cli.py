@@ -1,0 +1,54 @@
+"""`r1kit <verb>`: the command line. Each verb lives in the module of the stage it drives.
+
+A verb module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
+for the verb being run, so ``r1kit --help`` and the light verbs do not pay for the heavy ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from r1kit import __version__
+from r1kit.errors import R1kitError
+
+# verb -> (module, one-line help). Order is the order users meet them in.
+VERBS: dict[str, tuple[str, str]] = {
+    "init": ("r1kit.model.init_cli", "create a randomly initialised model directory from a config"),
+    "generate": ("r1kit.infer.generate_cli", "generate text from a model directory (reference decoding path)"),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="r1kit",
+        description="Build, train, compress, serve and apply R1-style reasoning language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"r1kit {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", title="verbs")
+    for name, (module, help_) in VERBS.items():
+        verb_parser = sub.add_parser(name, help=help_, description=help_)
+        if name == verb:
+            importlib.import_module(module).add_arguments(verb_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb if verb in VERBS else None)
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    module = importlib.import_module(VERBS[args.verb][0])
+    try:
+        return int(module.run(args) or 0)
+    except (R1kitError, FileNotFoundError) as exc:
+        print(f"r1kit {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""Attention: global (causal, GQA), local (sliding window, O(n·w)) and the seed's hybrid (DHA).
+
+Every function here takes queries for the *last* ``m`` positions of the keys it is given
+(``q``: [B, H, m, D], ``k``/``v``: [B, Hkv, n, D], n >= m): that one alignment rule covers a full
+forward (m = n), a cached decode step (m = 1) and a chunked prefill over a cache. The attention
+module never owns cache memory: it is handed a cache view and asks it for the keys to attend to.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.config import ModelConfig
+from r1kit.model.rope import apply_rotary
+
+if TYPE_CHECKING:
+    from r1kit.model.cache import KVCacheView
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last ``m`` positions over all ``n`` keys (GQA through SDPA)."""
+    m, n = q.shape[2], k.shape[2]
+    if m == n:
+        return _sdpa(q, k, v, causal=True)
+    if m == 1:  # a decode step sees every cached key
+        return _sdpa(q, k, v)
+    offset = n - m
+    mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(m, device=q.device)[:, None] + offset
+    return _sdpa(q, k, v, mask=mask)
+
+
+def _window_mask(m: int, n: int, window: int, device: torch.device) -> torch.Tensor:
+    """[m, n] boolean: query i (absolute n - m + i) sees key j iff 0 <= q - j < window."""
+    distance = torch.arange(m, device=device)[:, None] + (n - m) - torch.arange(n, device=device)[None, :]
+    return (distance >= 0) & (distance < window)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal sliding-window attention: each query sees itself and the ``window - 1`` keys before it.
+
+    Work grows as O(n·w): the sequence is cut into blocks of ``window`` queries, and each block
+    attends only to its own keys and the previous block's (2w keys), never to an (n, n) score matrix.
+    """
+    m = q.shape[2]
+    k, v = k[:, :, -(m + window - 1) :], v[:, :, -(m + window - 1) :]  # keys no query can see are dropped
+    n = k.shape[2]
+    if n <= window:  # the window covers every key: plain causal attention
+        return global_attention(q, k, v)
+    if m <= window:  # a few queries (decode, short chunk): one masked call over <= m + w - 1 keys
+        return _sdpa(q, k, v, mask=_window_mask(m, n, window, q.device))
+    if n > m:  # align queries with keys by padding the front; the padded rows are dropped below
+        q = F.pad(q, (0, 0, n - m, 0))
+    return _blocked_local(q, k, v, window)[:, :, n - m :]
+
+
+def _blocked_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    batch, heads, n, dim = q.shape
+    kv_heads = k.shape[1]
+    blocks = -(-n // window)
+    pad = blocks * window - n
+    # one leading block of zeros gives block 0 a "previous block"; the mask hides it
+    q = F.pad(q, (0, 0, 0, pad)).view(batch, heads, blocks, window, dim)
+    k = F.pad(k, (0, 0, window, pad)).view(batch, kv_heads, blocks + 1, window, dim)
+    v = F.pad(v, (0, 0, window, pad)).view(batch, kv_heads, blocks + 1, window, dim)
+    keys = torch.cat((k[:, :, :-1], k[:, :, 1:]), dim=3)  # [B, Hkv, blocks, 2w, D]: previous + own block
+    values = torch.cat((v[:, :, :-1], v[:, :, 1:]), dim=3)
+    i = torch.arange(window, device=q.device)[:, None]
+    j = torch.arange(2 * window, device=q.device)[None, :]
+    mask = ((j > i) & (j <= i + window)).expand(blocks, window, 2 * window).clone()
+    mask[0, :, :window] = False  # block 0 has no previous block
+    fold = lambda t: t.permute(0, 2, 1, 3, 4).reshape(batch * blocks, t.shape[1], t.shape[3], dim)  # noqa: E731
+    out = _sdpa(fold(q), fold(keys), fold(values), mask=mask.repeat(batch, 1, 1)[:, None])
+    out = out.view(batch, blocks, heads, window, dim).permute(0, 2, 1, 3, 4).reshape(batch, heads, blocks * window, dim)
+    return out[:, :, :n]
+
+
+def compressed_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
+    """Global attention over mean-pooled key/value blocks (the compressed branch of DeepSeek's NSA).
+
+    Keys and values are averaged over non-overlapping blocks of ``block`` tokens; a query sees the
+    blocks that end at or before it. Cost O(n²/block) instead of O(n²). Queries before the first
+    complete block see nothing here and get zeros (the hybrid's local branch covers them).
+    """
+    m, n = q.shape[2], k.shape[2]
+    blocks = n // block
+    out = q.new_zeros(q.shape)
+    if blocks == 0:
+        return out
+    pooled_k = k[:, :, : blocks * block].unflatten(2, (blocks, block)).mean(dim=3)
+    pooled_v = v[:, :, : blocks * block].unflatten(2, (blocks, block)).mean(dim=3)
+    query_pos = torch.arange(m, device=q.device)[:, None] + (n - m)
+    block_end = torch.arange(1, blocks + 1, device=q.device)[None, :] * block - 1
+    mask = block_end <= query_pos  # [m, blocks]
+    sees_any = mask.any(dim=1)
+    if not bool(sees_any.any()):
+        return out
+    rows = sees_any.nonzero().squeeze(1)
+    out[:, :, rows] = _sdpa(q[:, :, rows], pooled_k, pooled_v, mask=mask[rows])
+    return out
+
+
+class Attention(nn.Module):
+    """One attention layer of kind ``global``, ``local`` or ``hybrid``.
+
+    Q/K/V are projected once; in a hybrid layer both branches share them and a gate network (the
+    seed's Linear d→d/4, SiLU, Linear→1 or →heads, sigmoid) mixes ``g·local + (1−g)·global`` per
+    token. The hybrid can skip work in three ways, all config fields: its global branch may run over
+    compressed blocks (``hybrid_global: compressed``); at inference a hard gate
+    (``hybrid_gate_threshold``) drops the global branch for tokens whose gate is above the
+    threshold; and per-layer patterns put hybrid layers only where wanted.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.kind = config.attention[layer_idx]
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        if self.kind == "hybrid":
+            gate_out = self.num_heads if config.hybrid_gate == "head" else 1
+            self.gate = nn.Sequential(nn.Linear(d, d // 4), nn.SiLU(), nn.Linear(d // 4, gate_out))
+        self.gate_override: float | None = None  # tests and ablations pin the gate to 0 (global) or 1 (local)
+        self.last_gate_mean: float | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        window: int,
+        cache: "KVCacheView | None" = None,
+    ) -> torch.Tensor:
+        batch, m, _ = x.shape
+        q = self.q_proj(x).view(batch, m, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.kind == "global":
+            out = global_attention(q, k, v)
+        elif self.kind == "local":
+            out = local_attention(q, k, v, window)
+        else:
+            out = self._hybrid(x, q, k, v, window)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, m, self.num_heads * self.head_dim))
+
+    def _global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.config.hybrid_global == "compressed":
+            return compressed_global_attention(q, k, v, self.config.hybrid_compress_block)
+        return global_attention(q, k, v)
+
+    def _hybrid(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+        local = local_attention(q, k, v, window)
+        if self.gate_override is not None:
+            g = torch.full((x.shape[0], 1, x.shape[1], 1), self.gate_override, dtype=q.dtype, device=q.device)
+        else:
+            g = torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]  # [B, 1 or H, m, 1]
+        self.last_gate_mean = float(g.detach().float().mean())
+        threshold = self.config.hybrid_gate_threshold
+        if threshold is None or self.training:
+            if self.gate_override == 1.0:
+                return local
+            return g * local + (1 - g) * self._global_branch(q, k, v)
+        return self._hard_gated(q, k, v, local, g, threshold)
+
+    def _hard_gated(self, q, k, v, local, g, threshold: float) -> torch.Tensor:
+        """Inference with a hard gate: tokens whose gate (every head's) is >= threshold are local only,
+        and the global branch runs only for the rest, so its cost shrinks with the gate's confidence."""
+        needs_global = (g < threshold).any(dim=1).squeeze(-1)  # [B, m]
+        out = local.clone()
+        n, m = k.shape[2], q.shape[2]
+        for b in range(q.shape[0]):
+            rows = needs_global[b].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            if self.config.hybrid_global == "compressed":
+                glob = compressed_global_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], self.config.hybrid_compress_block)[:, :, rows]
+            else:
+                mask = torch.arange(n, device=q.device)[None, :] <= (rows[:, None] + (n - m))
+                glob = _sdpa(q[b : b + 1, :, rows], k[b : b + 1], v[b : b + 1], mask=mask)
+            gb = g[b : b + 1, :, rows]
+            out[b : b + 1, :, rows] = gb * local[b : b + 1, :, rows] + (1 - gb) * glob
+        return out

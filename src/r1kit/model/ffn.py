@@ -1,0 +1,124 @@
+"""Feed-forward layers: the dense SwiGLU/GELU FFN and the seed's Top-K sparse FFN.
+
+Top-K keeps, per token, the ``k = round((1 - sparsity) · ffn_size)`` neurons with the largest gate
+activation magnitude |act(gate(x))| (for GELU, |gelu(up(x))|) and zeroes the rest.
+
+* Training runs the masked dense computation. Gradients go straight through the mask by default
+  (``topk_gradient: ste``, as Q-Sparse: the forward is sparse, the backward dense, so neurons that
+  are off today still learn to come back); ``masked`` sends gradient only through kept neurons.
+* Decoding a few tokens (``topk_gather_max_tokens``) takes the gather path: it reads only the kept
+  rows of W_up and the kept rows of a row-major copy of W_downᵀ, so the work shrinks with sparsity.
+  Masking inside dense matmuls would cut no FLOPs.
+
+The layer never changes its own sparsity: :mod:`r1kit.model.sparsity` owns that decision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.config import ModelConfig
+
+
+def _activation(name: str):
+    return F.silu if name == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
+
+
+class DenseFFN(nn.Module):
+    """SwiGLU (``down(silu(gate(x)) * up(x))``, Llama/Qwen2 layout) or GELU (``down(gelu(up(x)))``)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        d, f = config.hidden_size, config.intermediate_size
+        self.gated = config.activation == "swiglu"
+        if self.gated:
+            self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.act = _activation(config.activation)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(selector, hidden): the activation whose magnitude ranks neurons, and the hidden state."""
+        if self.gated:
+            a = self.act(self.gate_proj(x))
+            return a, a * self.up_proj(x)
+        h = self.act(self.up_proj(x))
+        return h, h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.dropout(self.activations(x)[1]))
+
+
+class TopKFFN(DenseFFN):
+    """The Top-K sparse FFN; ``sparsity`` is the fraction of neurons switched off for each token."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.sparsity = config.topk_sparsity
+        self.gradient = config.topk_gradient
+        self.gather_max_tokens = config.topk_gather_max_tokens
+        self.last_retained: torch.Tensor | None = None  # share of |activation| mass kept, for the controller
+        self._down_t: torch.Tensor | None = None
+        self._down_t_version: tuple[int, int] | None = None
+
+    @property
+    def k(self) -> int:
+        f = self.down_proj.in_features
+        return max(1, min(f, round((1.0 - self.sparsity) * f)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1]
+        if not self.training and not torch.is_grad_enabled() and tokens <= self.gather_max_tokens:
+            return self.forward_gather(x)
+        return self.forward_masked(x)
+
+    def forward_masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense compute, then zero all but the top-k neurons per token (training and prefill)."""
+        selector, h = self.activations(x)
+        magnitude = selector.detach().abs()
+        idx = magnitude.topk(self.k, dim=-1).indices
+        mask = torch.zeros_like(h).scatter_(-1, idx, 1.0)
+        if self.training:
+            kept = (magnitude * mask).sum(-1) / magnitude.sum(-1).clamp_min(1e-12)
+            self.last_retained = kept.mean().detach()
+        if self.gradient == "ste" and self.training:
+            sparse = h + (h * mask - h).detach()
+        else:
+            sparse = h * mask
+        return self.down_proj(self.dropout(sparse))
+
+    def forward_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Compute only the kept neurons: reads k rows of W_up and k rows of W_downᵀ per token."""
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        down_t = self._transposed_down()
+        k = self.k
+        out = []
+        for row in x2:  # a handful of tokens: one gathered matrix-vector product each
+            if self.gated:
+                a = self.act(F.linear(row, self.gate_proj.weight))
+                idx = a.abs().topk(k).indices
+                h = a[idx] * F.linear(row, self.up_proj.weight.index_select(0, idx))
+            else:  # GELU ranks by the hidden state itself: only W_down's reads shrink
+                a = self.act(F.linear(row, self.up_proj.weight))
+                idx = a.abs().topk(k).indices
+                h = a[idx]
+            # sum_i h_i · W_downᵀ[idx_i] in one pass over the k selected rows, without copying them
+            out.append(F.embedding_bag(idx[None], down_t, per_sample_weights=h[None], mode="sum")[0])
+        return torch.stack(out).reshape(shape)
+
+    def _transposed_down(self) -> torch.Tensor:
+        # A row-major W_downᵀ makes the kept neurons' weights contiguous rows; rebuilt if weights change.
+        weight = self.down_proj.weight
+        version = (weight._version, weight.data_ptr())
+        if self._down_t is None or self._down_t_version != version or self._down_t.dtype != weight.dtype:
+            self._down_t = weight.detach().t().contiguous()
+            self._down_t_version = version
+        return self._down_t
+
+
+def build_ffn(config: ModelConfig, layer_idx: int) -> DenseFFN:
+    return TopKFFN(config) if config.ffn[layer_idx] == "topk" else DenseFFN(config)
