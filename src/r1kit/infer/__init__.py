@@ -1,0 +1,1 @@
+"""Inference: sampling, the reference generation loop, and (later) the paged-KV engine."""

@@ -1,0 +1,92 @@
+"""Whole-model properties: cached decoding equals a full forward; the hybrid's gate limits."""
+
+import pytest
+import torch
+
+from r1kit.model import ContiguousKVCache, R1kitForCausalLM
+
+KINDS = ["global", "local", "hybrid", ["local", "hybrid"], ["global", "local"]]
+
+
+@pytest.mark.parametrize("attention", KINDS, ids=str)
+@pytest.mark.parametrize("ffn", ["dense", "topk"])
+@pytest.mark.parametrize("hybrid_global", ["full", "compressed"])
+def test_prefill_then_decode_equals_full_forward(tiny_config, attention, ffn, hybrid_global):
+    cfg = tiny_config(attention=attention, ffn=ffn, hybrid_global=hybrid_global, hybrid_compress_block=3, qkv_bias=True)
+    model = R1kitForCausalLM(cfg).eval()
+    tokens = torch.randint(0, 61, (2, 19))
+    with torch.no_grad():
+        full = model(tokens, window=4)
+        cache = ContiguousKVCache(cfg, window=4)
+        steps = [model(tokens[:, :6], cache=cache)]
+        steps.append(model(tokens[:, 6:10], cache=cache))  # a chunk over a cache
+        steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(10, 19)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 19
+    for i, kind in enumerate(cfg.attention):
+        assert cache.stored_positions(i) == (4 if kind == "local" else 19)
+
+
+@pytest.mark.parametrize("gate", ["token", "head"])
+def test_hybrid_gate_limits(tiny_config, gate):
+    tokens = torch.randint(0, 61, (1, 23))
+    hybrid = R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_gate=gate)).eval()
+    state = {k: v for k, v in hybrid.state_dict().items() if ".gate." not in k}
+    outputs = {}
+    for kind in ("global", "local"):
+        plain = R1kitForCausalLM(tiny_config(attention=kind)).eval()
+        plain.load_state_dict(state)
+        outputs[kind] = plain(tokens)
+    with torch.no_grad():
+        for value, kind in ((0.0, "global"), (1.0, "local")):
+            for layer in hybrid.model.layers:
+                layer.self_attn.gate_override = value
+            torch.testing.assert_close(hybrid(tokens), outputs[kind].detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_hard_gate_skips_global_only_where_gate_is_confident(tiny_config):
+    tokens = torch.randint(0, 61, (2, 17))
+    soft = R1kitForCausalLM(tiny_config(attention="hybrid")).eval()
+    hard = R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_gate_threshold=0.5)).eval()
+    hard.load_state_dict(soft.state_dict())
+    with torch.no_grad():
+        for layer in soft.model.layers:  # bias the gates so some tokens are above 0.5 and some below
+            layer.self_attn.gate[2].bias.fill_(0.0)
+        hard.load_state_dict(soft.state_dict())
+        gates = torch.sigmoid(soft.model.layers[0].self_attn.gate(soft.model.layers[0].input_layernorm(soft.model.embed_tokens(tokens))))
+        assert (gates > 0.5).any() and (gates < 0.5).any()
+        expected, got = soft(tokens), hard(tokens)
+    assert not torch.allclose(got, expected)  # the tokens above the threshold skipped their global branch
+    with torch.no_grad():
+        for a, b in zip(hard.model.layers, soft.model.layers):
+            a.self_attn.gate[2].bias.fill_(-50.0)  # every gate ~0 (< threshold): global everywhere
+            b.self_attn.gate[2].bias.fill_(-50.0)
+        torch.testing.assert_close(hard(tokens), soft(tokens), atol=1e-5, rtol=1e-5)
+        for a in hard.model.layers:
+            a.self_attn.gate[2].bias.fill_(50.0)  # every gate ~1: local only
+        local_only = hard(tokens)
+        for a in soft.model.layers:
+            a.self_attn.gate_override = 1.0
+        torch.testing.assert_close(local_only, soft(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_proportional_window_growth(tiny_config):
+    cfg = tiny_config(window_growth="proportional", local_window=256, max_local_window=4096)
+    assert [cfg.window_for(n) for n in (100, 1024, 4096, 8192, 16384, 65536)] == [256, 256, 1024, 2048, 4096, 4096]
+    assert tiny_config(local_window=256, max_local_window=4096).window_for(16384) == 256
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_dropout(tiny_config):
+    cfg = tiny_config(attention="hybrid", ffn="topk", dropout=0.1)
+    base_state = R1kitForCausalLM(cfg).state_dict()
+    tokens = torch.randint(0, 61, (2, 12))
+    grads = []
+    for ckpt in (False, True):
+        model = R1kitForCausalLM(cfg).train()
+        model.load_state_dict(base_state)
+        model.gradient_checkpointing = ckpt
+        torch.manual_seed(123)
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
