@@ -15,7 +15,10 @@ from r1kit.errors import R1kitError
 
 # verb -> (module, one-line help). Order is the order users meet them in.
 VERBS: dict[str, tuple[str, str]] = {
+    "prepare": ("r1kit.data.cli", "clean, filter, deduplicate and tokenize a corpus into training shards"),
     "init": ("r1kit.model.init_cli", "create a randomly initialised model directory from a config"),
+    "train": ("r1kit.train.cli", "train a model on token shards (single process or under torchrun)"),
+    "eval": ("r1kit.train.eval_cli", "evaluate a model: perplexity overall and by position"),
     "generate": ("r1kit.infer.generate_cli", "generate text from a model directory (reference decoding path)"),
 }
 

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -260,12 +261,26 @@ def _build(cls: type[T], raw: Mapping[str, Any], where: str) -> T:
     ]
     if missing:
         raise ConfigError(f"{where}: missing required field(s) {', '.join(missing)}")
+    hints = typing.get_type_hints(cls)
     try:
-        return cls(**raw)
+        return cls(**{key: _coerce(key, value, hints[key]) for key, value in raw.items()})
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Numbers as YAML really gives them: ``1e-6`` (no dot) is text to PyYAML, an int may stand for a float."""
+    accepts = set(typing.get_args(hint)) or {hint}
+    if float in accepts and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} must be a number") from None
+    if int in accepts and float not in accepts and isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} must be a whole number, not text")
+    return value
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

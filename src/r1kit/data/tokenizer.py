@@ -73,12 +73,17 @@ def cached_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_file(path)
 
 
+def _encode(texts: list[str], tokenizer_path: str) -> list:
+    tok = cached_tokenizer(tokenizer_path)
+    # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which we never use: ~2x faster
+    return getattr(tok, "encode_batch_fast", tok.encode_batch)(texts, add_special_tokens=False)
+
+
 def count_chunk(texts: list[str], tokenizer_path: str) -> list[int]:
     """Token counts of a chunk of texts (no special tokens added); a worker task."""
-    return [len(e.ids) for e in cached_tokenizer(tokenizer_path).encode_batch(texts, add_special_tokens=False)]
+    return [len(e.ids) for e in _encode(texts, tokenizer_path)]
 
 
 def encode_chunk(texts: list[str], tokenizer_path: str) -> list[np.ndarray]:
     """Token ids of a chunk of texts, as uint32 arrays; a worker task."""
-    encoded = cached_tokenizer(tokenizer_path).encode_batch(texts, add_special_tokens=False)
-    return [np.asarray(e.ids, dtype=np.uint32) for e in encoded]
+    return [np.asarray(e.ids, dtype=np.uint32) for e in _encode(texts, tokenizer_path)]

@@ -1,0 +1,1 @@
+"""Training: the loop, its schedule, checkpoints that resume exactly, and scale-out on torch.distributed."""

@@ -1,0 +1,369 @@
+"""The training loop: AdamW on the one model, accumulation, mixed precision, sparsity control,
+out-of-memory recovery, validation, metrics and checkpoints that resume the same loss curve.
+
+Each optimizer step draws its whole batch (``micro_batch_size × grad_accum × world`` blocks) from
+the data stream first and only then splits it into micro-batches, so when an out-of-memory error
+halves the micro-batch and doubles accumulation the step still sees exactly the same samples.
+This module never decides the architecture or the data: it is given both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from r1kit.config import ModelConfig, dump_json
+from r1kit.data.shards import ShardDataset
+from r1kit.errors import ConfigError
+from r1kit.model.sparsity import SparsityController
+from r1kit.model.transformer import R1kitForCausalLM
+from r1kit.train import distributed
+from r1kit.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from r1kit.train.config import TrainConfig
+from r1kit.train.schedule import lr_at
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (``dim >= 2``); norms and biases are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for p in params:
+        if id(p) in seen:  # tied embeddings appear once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (nanoGPT's 6N + 12·L·H·D·T; attention counted over the full context)."""
+    return 6 * config.num_parameters() + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
+    """The matmul throughput this device reaches now: the denominator of MFU (no vendor table needed)."""
+    gen = torch.Generator(device=device).manual_seed(0)  # never the global RNG: resuming must replay it exactly
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
+    for _ in range(2):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def unigram_perplexity(dataset: ShardDataset, max_tokens: int = 5_000_000) -> float:
+    """Perplexity of the best context-free model (token frequencies of the split): the bar to clear."""
+    counts = np.bincount(dataset.read(0, min(dataset.tokens, max_tokens)), minlength=dataset.vocab_size).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclasses.dataclass
+class LoopState:
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    micro_batch_size: int = 0
+    grad_accum: int = 0
+
+
+class Trainer:
+    """One training run. ``run()`` trains until ``max_steps`` or ``max_minutes`` and returns a summary."""
+
+    def __init__(self, model_config: ModelConfig | None, config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> None:
+        self.config, self.log = config, log
+        self.out = Path(config.out)
+        self.dist = distributed.setup()
+        self.device = pick_device(config.device) if self.dist.world == 1 else self.dist.device
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.precision=fp16 needs a CUDA device (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
+        self.data = ShardDataset(config.data, "train", config.seq_len, seed=config.seed)
+        self.val = ShardDataset(config.data, "val", config.seq_len, shuffle=False)
+        self.tokenizer_file = self._find_tokenizer()
+        checkpoint = latest_checkpoint(self.out) if resume else None
+        if resume and checkpoint is None:
+            log(f"no checkpoint under {self.out / 'checkpoints'}: starting from step 0")
+        torch.manual_seed(config.seed)
+        self.model = self._build_model(model_config, checkpoint)
+        if self.model.config.vocab_size < self.data.vocab_size:
+            raise ConfigError(
+                f"model vocab_size={self.model.config.vocab_size} is smaller than the data's {self.data.vocab_size}; "
+                "set model.vocab_size to the tokenizer's size"
+            )
+        self.model.gradient_checkpointing = config.activation_checkpointing
+        self.wrapped = distributed.wrap(self.model, self.dist)
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
+        self.controller = SparsityController(self.model, config.sparsity_control) if self.model.topk_layers() and config.sparsity_control else None
+        self.state = LoopState(micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        self.flops_per_token = flops_per_token(self.model.config, config.seq_len)
+        dtype = AUTOCAST[config.precision] or torch.float32
+        self.peak_flops = measure_peak_flops(self.device, dtype)
+        self.metrics_file = self.out / "metrics.jsonl"
+        self.tb = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _find_tokenizer(self) -> Path | None:
+        rel = self.data.index.get("tokenizer")
+        file = (Path(self.config.data) / rel).resolve() if rel else None
+        return file if file is not None and file.is_file() else None
+
+    def _build_model(self, model_config: ModelConfig | None, checkpoint: Path | None) -> R1kitForCausalLM:
+        from r1kit.model.hf import load_model
+
+        source = checkpoint or (Path(self.config.init_from) if self.config.init_from else None)
+        if source is not None:
+            model = load_model(source, dtype=torch.float32, device=self.device)
+        else:
+            model = R1kitForCausalLM(model_config).to(self.device)
+        return model.train()
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_trainer_state(checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.data.load_state_dict(state["data"])
+        self.state = LoopState(**state["loop"])
+        if self.controller is not None and state.get("controller"):
+            self.controller.load_state_dict(state["controller"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._truncate_metrics(self.state.step)
+        self.log(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _truncate_metrics(self, step: int) -> None:
+        # the metrics of steps after the checkpoint will be written again by this run
+        file = self.out / "metrics.jsonl"
+        if not file.is_file() or not self.dist.is_main:
+            return
+        keep = [line for line in file.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        tmp = file.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(file)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            dump_json({"train": _jsonable(dataclasses.asdict(cfg)), "model": self.model.config.to_dict()}, self.out / "run_config.json")
+            self.tb = _tensorboard(self.out / "tensorboard")
+        baseline = unigram_perplexity(self.data)
+        self.log(
+            f"model {self.model.config.num_parameters() / 1e6:.2f}M params | {self.data.tokens:,} train tokens | "
+            f"{cfg.tokens_per_step * self.dist.world:,} tokens/step | unigram-baseline perplexity {baseline:.1f}"
+        )
+        bar = _progress(self.state.step, cfg.max_steps, self.dist.is_main)
+        start = time.perf_counter() - self.state.elapsed
+        window_start, window_tokens = time.perf_counter(), 0
+        last_val: dict[str, float] = {}
+        stop_reason = "max_steps"
+        while self.state.step < cfg.max_steps:
+            if cfg.max_minutes is not None and (time.perf_counter() - start) / 60 >= cfg.max_minutes:
+                stop_reason = "max_minutes"
+                break
+            lr = lr_at(self.state.step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = self._train_step()
+            sparsity = self.controller.step(loss) if self.controller else {}
+            self.state.step += 1
+            self.state.tokens += cfg.tokens_per_step * self.dist.world
+            window_tokens += cfg.tokens_per_step * self.dist.world
+            self.state.elapsed = time.perf_counter() - start
+            if cfg.eval_every and self.state.step % cfg.eval_every == 0:
+                last_val = self.evaluate()
+            if self.state.step % cfg.log_every == 0 or self.state.step == cfg.max_steps or last_val.get("step") == self.state.step:
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                window_start, window_tokens = now, 0
+                record = {
+                    "step": self.state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.state.tokens,
+                    "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak_flops / self.dist.world,
+                    "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": self.state.elapsed,
+                    "micro_batch_size": self.state.micro_batch_size, "grad_accum": self.state.grad_accum,
+                    **({"sparsity": {str(k): round(v, 4) for k, v in sparsity.items()}} if sparsity else {}),
+                    **({k: v for k, v in last_val.items() if k != "step"} if last_val.get("step") == self.state.step else {}),
+                }  # fmt: skip
+                self._write_metrics(record)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}", mem=f"{record['peak_mem_mb']:.0f}MB")
+            bar.update(1)
+            if self.state.step % cfg.save_every == 0:
+                self.save()
+        bar.close()
+        final_val = self.evaluate()
+        self.save()
+        model_dir = self.export()
+        summary = {
+            "steps": self.state.step, "tokens": self.state.tokens, "elapsed_s": self.state.elapsed, "stop": stop_reason,
+            "val_loss": final_val["val_loss"], "val_ppl": final_val["val_ppl"], "unigram_ppl": baseline, "model": str(model_dir),
+        }  # fmt: skip
+        if self.dist.is_main:
+            dump_json(summary, self.out / "summary.json")
+        self.log(
+            f"done: {self.state.step} steps, val loss {final_val['val_loss']:.4f}, val perplexity {final_val['val_ppl']:.2f} "
+            f"(unigram baseline {baseline:.1f}) -> {model_dir}"
+        )
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _train_step(self) -> tuple[float, float]:
+        """One optimizer step over the step's full batch; on OOM retry with half the micro-batch."""
+        total = self.state.micro_batch_size * self.state.grad_accum
+        inputs, targets = self.data.next_batch(total * self.dist.world)
+        lo = self.dist.rank * total
+        inputs = torch.from_numpy(inputs[lo : lo + total]).to(self.device)
+        targets = torch.from_numpy(targets[lo : lo + total]).to(self.device)
+        while True:
+            try:
+                return self._accumulate(inputs, targets)
+            except torch.OutOfMemoryError:
+                if self.state.micro_batch_size == 1:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.state.micro_batch_size //= 2
+                self.state.grad_accum = total // self.state.micro_batch_size
+                self.log(
+                    f"out of memory at step {self.state.step}: micro-batch -> {self.state.micro_batch_size}, "
+                    f"accumulation -> {self.state.grad_accum} (effective batch {total} unchanged)"
+                )
+
+    def _accumulate(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+        cfg = self.config
+        mb, accum = self.state.micro_batch_size, self.state.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        dtype = AUTOCAST[cfg.precision]
+        autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        total_loss = torch.zeros((), device=self.device)
+        for i in range(accum):
+            x, y = inputs[i * mb : (i + 1) * mb], targets[i * mb : (i + 1) * mb]
+            sync = i == accum - 1
+            with distributed.maybe_no_sync(self.wrapped, sync), autocast:
+                logits = self.wrapped(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+            self.scaler.scale(loss).backward()
+            total_loss += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return distributed.mean(total_loss, self.dist), float(grad_norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss and perplexity over the first ``eval_batches`` blocks of the validation split."""
+        self.model.eval()
+        n = min(len(self.val), self.config.eval_batches * self.config.micro_batch_size)
+        losses = []
+        dtype = AUTOCAST[self.config.precision]
+        for lo in range(0, n, self.config.micro_batch_size):
+            pairs = [self.val[i] for i in range(lo, min(n, lo + self.config.micro_batch_size))]
+            x = torch.from_numpy(np.stack([p[0] for p in pairs])).to(self.device)
+            y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(self.device)
+            with torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext():
+                logits = self.model(x)
+            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item() / y.numel())
+        self.model.train()
+        val_loss = float(np.mean(losses)) if losses else float("nan")
+        return {"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if losses else float("nan")}
+
+    # -- outputs --------------------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.dist.is_main:
+            return
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.data.state_dict(),
+            "loop": dataclasses.asdict(self.state),
+            "controller": self.controller.state_dict() if self.controller else None,
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+        }
+        extra = [self.tokenizer_file] if self.tokenizer_file else []
+        save_checkpoint(self.out, self.state.step, self.model, state, self.config.keep_last, extra)
+
+    def export(self) -> Path:
+        """The final model as a plain model directory (``<out>/model``), ready for generate/serve."""
+        final = self.out / "model"
+        if self.dist.is_main:
+            tmp = self.out / ".model.tmp"
+            self.model.save_pretrained(tmp)
+            if self.tokenizer_file:
+                (tmp / "tokenizer.json").write_bytes(self.tokenizer_file.read_bytes())
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        return final
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+            for layer, value in record.get("sparsity", {}).items():
+                self.tb.add_scalar(f"sparsity/layer{layer}", value, record["step"])
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a trimmed install still trains
+        return None
+    return SummaryWriter(str(path))
+
+
+def _progress(initial: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled or os.environ.get("R1KIT_NO_PROGRESS") == "1", dynamic_ncols=True)

@@ -1,0 +1,176 @@
+"""The training loop: schedule, accumulation, OOM recovery, exact resume, DDP parity, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from r1kit.config import ModelConfig
+from r1kit.data.records import write_json
+from r1kit.data.shards import FORMAT, INDEX, ShardWriter
+from r1kit.errors import ConfigError
+from r1kit.train.config import TrainConfig, load_run_config
+from r1kit.train.schedule import lr_at
+from r1kit.train.trainer import Trainer
+
+os.environ["R1KIT_NO_PROGRESS"] = "1"
+MODEL = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                    attention=["local", "hybrid"], ffn="topk", local_window=8, topk_sparsity=0.3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """A learnable corpus: each document counts upward modulo 60 from a random start, in a few shards."""
+    out = tmp_path_factory.mktemp("data") / "shards"
+    out.mkdir()
+    rng = np.random.default_rng(0)
+    writers = {s: ShardWriter(out, s, 1000, np.uint16) for s in ("train", "val")}
+    for d in range(60):
+        start, length = rng.integers(0, 60), rng.integers(40, 200)
+        tokens = (start + np.arange(length)) % 60 + 2
+        writers["val" if d % 10 == 0 else "train"].add(f"doc{d}", np.concatenate(([0], tokens, [1])))
+    index = {"format": FORMAT, "dtype": "uint16", "vocab_size": 64, "bos_id": 0, "eos_id": 1, "splits": {s: w.close() for s, w in writers.items()}}
+    write_json(out / INDEX, index)
+    return out
+
+
+def make(shards, out, **kw):
+    base = dict(data=str(shards), out=str(out), seq_len=16, micro_batch_size=4, max_steps=6, warmup_steps=2, lr=3e-3,
+                eval_every=0, log_every=1, save_every=3, eval_batches=2)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def params(trainer):
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_schedule_values():
+    assert lr_at(0, 3e-4, 3e-5, 2000, 10000) == pytest.approx(3e-4 / 2000)
+    assert lr_at(1999, 3e-4, 3e-5, 2000, 10000) == pytest.approx(3e-4)
+    assert lr_at(6000, 3e-4, 3e-5, 2000, 10000) == pytest.approx((3e-4 + 3e-5) / 2)
+    assert lr_at(10000, 3e-4, 3e-5, 2000, 10000) == lr_at(20000, 3e-4, 3e-5, 2000, 10000) == 3e-5
+
+
+def test_accumulation_equals_one_large_batch(shards, tmp_path):
+    results = []
+    for micro, accum in ((4, 1), (2, 2), (1, 4)):
+        t = Trainer(MODEL, make(shards, tmp_path / f"{micro}", micro_batch_size=micro, grad_accum=accum, max_steps=1))
+        t._train_step()
+        results.append(params(t))
+    torch.testing.assert_close(results[1], results[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(results[2], results[0], atol=2e-6, rtol=1e-5)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(shards, tmp_path):
+    ref = Trainer(MODEL, make(shards, tmp_path / "ref", micro_batch_size=8, max_steps=1))
+    ref._train_step()
+    t = Trainer(MODEL, make(shards, tmp_path / "oom", micro_batch_size=8, max_steps=1), log=lambda m: logs.append(m))
+    logs = []
+    forward = t.model.forward
+
+    def tight_memory(tokens, *a, **kw):
+        if tokens.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(tokens, *a, **kw)
+
+    t.model.forward = tight_memory
+    t._train_step()
+    assert (t.state.micro_batch_size, t.state.grad_accum) == (2, 4)
+    assert len(logs) == 2 and "effective batch 8 unchanged" in logs[-1]
+    torch.testing.assert_close(params(t), params(ref), atol=2e-6, rtol=1e-5)
+
+
+def test_resume_continues_the_same_loss_curve(shards, tmp_path):
+    cfg = dict(max_steps=8, save_every=3, model_dropout=None)
+    cfg.pop("model_dropout")
+    dropout_model = ModelConfig(**{**MODEL.to_dict(), "dropout": 0.1})
+    Trainer(dropout_model, make(shards, tmp_path / "straight", **cfg)).run()
+    straight = [json.loads(l) for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+
+    t = Trainer(dropout_model, make(shards, tmp_path / "killed", **cfg))
+    step = t._train_step
+
+    def killed_after_four():
+        if t.state.step == 4:
+            raise KeyboardInterrupt
+        return step()
+
+    t._train_step = killed_after_four
+    with pytest.raises(KeyboardInterrupt):
+        t.run()
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-0000003"]
+    Trainer(None, make(shards, tmp_path / "killed", **cfg), resume=True).run()
+    resumed = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["sparsity"] for r in resumed] == [r["sparsity"] for r in straight]
+
+
+def test_training_learns_and_the_cli_trains_and_evaluates(shards, tmp_path):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(
+        "model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in MODEL.to_dict().items() if v is not None)
+        + f"train:\n  data: {shards}\n  out: {tmp_path / 'run'}\n  seq_len: 32\n  micro_batch_size: 8\n  max_steps: 60\n"
+        "  warmup_steps: 5\n  lr: 5.0e-3\n  eval_every: 30\n  save_every: 30\n  log_every: 10\n"
+    )
+    r = subprocess.run([sys.executable, "-m", "r1kit.cli", "train", "--config", str(run_yaml), "--keep-last", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["val_ppl"] < summary["unigram_ppl"] / 3
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-0000060"]
+    ev = subprocess.run(
+        [sys.executable, "-m", "r1kit.cli", "eval", "ppl", "--model", str(tmp_path / "run" / "model"), "--data", str(shards), "--seq-len", "32", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)
+    assert result["ppl"] == pytest.approx(summary["val_ppl"], rel=0.05) and len(result["by_position"]) == 4
+
+
+def test_data_parallel_on_gloo_matches_one_process(shards, tmp_path):
+    single = Trainer(MODEL, make(shards, tmp_path / "one", micro_batch_size=4, max_steps=2))
+    single.run()
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text("model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in MODEL.to_dict().items() if v is not None)
+                   + f"train:\n  data: {shards}\n  out: {tmp_path / 'two'}\n  seq_len: 16\n  micro_batch_size: 2\n  max_steps: 2\n"
+                   "  warmup_steps: 2\n  lr: 3.0e-3\n  eval_every: 0\n  log_every: 1\n  save_every: 3\n  eval_batches: 2\n")  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "r1kit.cli", "train", "--config", str(cfg)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    two = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert two == pytest.approx(one, abs=1e-5)
+    from r1kit.model import load_model
+
+    a, b = load_model(tmp_path / "one" / "model"), load_model(tmp_path / "two" / "model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "train,match",
+    [
+        ("  lr: -1\n", "train.lr=-1.0 must be positive"),
+        ("  grad_accum: 0\n", "train.grad_accum=0 must be a positive integer"),
+        ("  learning_rate: 0.1\n", "unknown field\\(s\\) 'learning_rate'"),
+        ("  precision: fp8\n", "precision='fp8' is not one of"),
+    ],
+)
+def test_bad_run_configs(tmp_path, train, match):
+    f = tmp_path / "bad.yaml"
+    f.write_text("model:\n  vocab_size: 8\n  hidden_size: 8\n  num_layers: 1\n  num_heads: 2\n  intermediate_size: 8\ntrain:\n  data: d\n  out: o\n" + train)
+    with pytest.raises(ConfigError, match=match):
+        load_run_config(f)
+
+
+def test_seed_reference_config_loads_with_the_seed_hyper_parameters():
+    model, train = load_run_config("configs/seed-reference.yaml")
+    assert (train.micro_batch_size, train.grad_accum, train.lr, train.warmup_steps, train.weight_decay) == (256, 4, 3e-4, 2000, 0.01)
+    assert model.dropout == 0.1 and set(model.ffn) == {"topk"} and "hybrid" in model.attention
