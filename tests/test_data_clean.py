@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from r1kit.data.augment import augment, scale_numbers
@@ -84,3 +86,9 @@ def test_config_validation_names_the_field(tmp_path):
     assert cfg.vocab_size == 1000 and cfg.languages == ("zh",)
     assert cfg.fingerprint() == PrepareConfig.from_yaml(path).fingerprint() != PrepareConfig().fingerprint()
     assert PrepareConfig(workers=2).fingerprint() == PrepareConfig(workers=1).fingerprint()
+
+
+@pytest.mark.parametrize("name", ["prepare-embedded.yaml", "prepare-seed.yaml"])
+def test_shipped_configs_load(name):
+    cfg = PrepareConfig.from_yaml(Path(__file__).parent.parent / "configs" / name)
+    assert cfg.max_tokens == 16384 and cfg.languages == ("zh", "en")

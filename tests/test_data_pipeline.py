@@ -4,10 +4,8 @@ the distributed (Dask) path, and the CLI."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +14,7 @@ from r1kit.data import pipeline
 from r1kit.data.config import PrepareConfig
 from r1kit.data.pipeline import run_prepare
 from r1kit.data.readers import RawDoc, iter_embedded
-from r1kit.data.shards import ShardDataset
+from r1kit.data.shards import ShardDataset, ShardWriter
 from r1kit.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 
@@ -122,11 +120,34 @@ def test_resume_after_interruption(reference, corpus, tmp_path, monkeypatch):
     monkeypatch.undo()
     log: list[str] = []
     run_prepare(config(tmp_path, corpus), log=log.append)
-    assert [line for line in log if "reused" in line] == [f"prepare: {s}: done earlier, reused" for s in ("clean", "dedup", "tokenizer")]
+    reused = [f"prepare: {s}: done earlier, reused" for s in ("clean", "dedup", "tokenizer")]
+    assert [line for line in log if "reused" in line] == reused
     assert shard_bytes(tmp_path) == shard_bytes(reference)
     log.clear()
     run_prepare(config(tmp_path, corpus, min_tokens=17), log=log.append)  # a changed option reruns everything
     assert not any("reused" in line for line in log)
+
+
+def test_resume_inside_the_shard_stage(reference, corpus, tmp_path, monkeypatch):
+    real_flush, flushes = ShardWriter._flush, []
+
+    def flaky_flush(self):
+        flushes.append(self.split)
+        if len(flushes) == 3:
+            raise KeyboardInterrupt("crash while writing the third shard")
+        real_flush(self)
+
+    monkeypatch.setattr(ShardWriter, "_flush", flaky_flush)
+    with pytest.raises(KeyboardInterrupt):
+        run_prepare(config(tmp_path, corpus), log=lambda _: None)
+    monkeypatch.undo()
+    log: list[str] = []
+    run_prepare(config(tmp_path, corpus), log=log.append)
+    assert any("resuming after document" in line for line in log)
+    stats = json.loads((tmp_path / "work" / "shards" / "stats.json").read_text())
+    assert stats["resumed_at_document"] > 0
+    assert shard_bytes(tmp_path) == shard_bytes(reference)
+    assert not (tmp_path / "work" / "shards.tmp").exists()
 
 
 @pytest.mark.slow
@@ -154,5 +175,13 @@ def test_cli_end_to_end(corpus, tmp_path, capsys):
     index = json.loads((out / "shards" / "index.json").read_text())
     train_ids, val_ids = set(index["splits"]["train"]["ids"]), set(index["splits"]["val"]["ids"])
     assert val_ids and not {i.removesuffix("#aug") for i in val_ids} & {i.removesuffix("#aug") for i in train_ids}
+    # the shards hold exactly each document's text: originals and augmented copies alike
+    texts = {d["id"]: d["text"] for d in map(json.loads, (out / "work" / "augment" / "docs.jsonl").read_text().splitlines())}
+    tok, ds, train = load_tokenizer(out), ShardDataset(out / "shards", "train", 8), index["splits"]["train"]
+    aug = [k for k, i in enumerate(train["ids"]) if i.endswith("#aug")]
+    assert aug
+    for k in aug[:3] + [0, len(train["ids"]) - 1]:
+        ids = ds.read(train["offsets"][k], train["offsets"][k] + train["counts"][k]).tolist()
+        assert tok.decode(ids[1:-1], skip_special_tokens=False) == texts[train["ids"][k]]
     assert main(["prepare", "--output", str(out), "--min-tokens", "9", "--max-tokens", "3"]) == 2
     assert "max_tokens" in capsys.readouterr().err

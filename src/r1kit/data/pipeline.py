@@ -3,14 +3,16 @@
 Each stage reads the previous stage's file in ``<output>/work/<stage>/`` and writes its own there,
 with ``stats.json`` last as the mark that it finished (it carries the run's fingerprint: config +
 inputs). A re-run skips every finished stage whose fingerprint matches, so an interrupted run
-resumes at the stage it was in. This module must never write a final file in place: every file is
-written under a temporary name and renamed, and the shard folder appears whole or not at all.
+resumes at the stage it was in (the shard stage at its last completed shard). This module must
+never write a final file in place: every file is written under a temporary name and renamed, and
+the shard folder appears whole or not at all.
 """
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import os
 import shutil
 import sys
@@ -22,15 +24,15 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from r1kit.data import dedup, length, readers
-from r1kit.data.augment import STAGE as AUGMENT, augment
+from r1kit.data.augment import augment
 from r1kit.data.clean import clean_chunk
 from r1kit.data.config import PrepareConfig
 from r1kit.data.engine import Engine, make_engine
-from r1kit.data.records import Doc, Drop, JsonlWriter, iter_docs, read_at, read_json, write_json
+from r1kit.data.records import (Doc, Drop, JsonlWriter, TokenWriter, iter_docs, iter_token_ids, read_at, read_json,
+                                write_json)
 from r1kit.data.report import write_report
-from r1kit.data.shards import FORMAT, INDEX, SPLITS, ShardWriter, dtype_for, split_of
-from r1kit.data.tokenizer import (BOS, EOS, count_chunk, encode_chunk, load_tokenizer, train_tokenizer,
-                                  with_special_tokens)
+from r1kit.data.shards import FORMAT, INDEX, SPLITS, ShardCheckpoint, ShardWriter, dtype_for, split_of
+from r1kit.data.tokenizer import BOS, EOS, encode_chunk, load_tokenizer, train_tokenizer, with_special_tokens
 
 STAGES = ("clean", "dedup", "tokenizer", "length", "augment", "shards")
 CLEAN_STAGES = ("read", "normalize", "language")
@@ -40,8 +42,8 @@ CHUNK_BYTES = 4 << 20  # a chunk also closes at 4 MiB, so one huge file never st
 class Run:
     """The state one ``prepare`` run shares between its stages."""
 
-    def __init__(self, cfg: PrepareConfig, engine: Engine | None = None):
-        self.cfg = cfg
+    def __init__(self, cfg: PrepareConfig, engine: Engine | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.log = cfg, log
         self.out = Path(cfg.output)
         self.work = self.out / "work"
         self.fingerprint = _fingerprint(cfg)
@@ -68,17 +70,17 @@ class Run:
     def tokenizer_path(self) -> Path:
         return self.out / "tokenizer.json"
 
-    def progress(self, items: Iterable[Any], desc: str) -> Iterable[Any]:
+    def progress(self, items: Iterable[Any], desc: str, unit: str = "chunk") -> Iterable[Any]:
         if not self.cfg.progress:
             return items
         from tqdm import tqdm
 
-        return tqdm(items, desc=desc, unit="doc", file=sys.stderr, leave=False)
+        return tqdm(items, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
 
 def run_prepare(cfg: PrepareConfig, engine: Engine | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the report, also written to ``<output>/report.json``."""
-    run = Run(cfg, engine)
+    run = Run(cfg, engine, log)
     try:
         rerun_rest = False
         for stage in STAGES:
@@ -87,6 +89,8 @@ def run_prepare(cfg: PrepareConfig, engine: Engine | None = None, log: Callable[
                 log(f"prepare: {stage}: done earlier, reused")
                 continue
             rerun_rest = True  # a stage that runs again invalidates everything after it
+            for leftover in run.dir(stage).glob(".*.tmp-*"):  # from a run killed too hard to clean up
+                leftover.unlink()
             started = time.perf_counter()
             stats = _STAGE_FUNCS[stage](run)
             stats.update(stage=stage, fingerprint=run.fingerprint, seconds=round(time.perf_counter() - started, 3))
@@ -156,7 +160,7 @@ def _clean(run: Run) -> dict[str, Any]:
     chunks = _chunks(raw, cfg.chunk_docs, sized)
     with JsonlWriter(run.docs("clean")) as docs, JsonlWriter(run.dir("clean") / "drops.jsonl") as drops:
         results = run.engine.map(clean_chunk, chunks, cfg.languages, cfg.language_threshold, cfg.language_sample_chars)
-        for item in run.progress((r for chunk in results for r in chunk), "clean"):
+        for item in run.progress((r for chunk in results for r in chunk), "clean", "doc"):
             # a document dropped at one sub-stage passed the ones before it
             last = CLEAN_STAGES.index(item.stage) if isinstance(item, Drop) else len(CLEAN_STAGES)
             for s in CLEAN_STAGES[:last]:
@@ -256,7 +260,7 @@ def _tokenizer(run: Run) -> dict[str, Any]:
 
 
 def _length(run: Run) -> dict[str, Any]:
-    """Drop documents outside [min_tokens, max_tokens] tokens."""
+    """Drop documents outside [min_tokens, max_tokens] tokens; keep the kept ones' ids for the shards."""
     cfg = run.cfg
     stats: dict[str, Any] = {"bytes": 0}
     counter = _counter(stats, length.STAGE)
@@ -269,81 +273,109 @@ def _length(run: Run) -> dict[str, Any]:
             stats["bytes"] += sum(len(d.text.encode("utf-8")) for d in chunk)
             yield [d.text for d in chunk]
 
-    with JsonlWriter(run.docs("length")) as docs, JsonlWriter(run.dir("length") / "drops.jsonl") as drops:
-        counts = run.engine.map(count_chunk, text_chunks(), str(run.tokenizer_path))
-        for chunk_counts in run.progress(counts, "length"):
-            for doc, n in zip(queue.popleft(), chunk_counts):
+    with JsonlWriter(run.docs("length")) as docs, JsonlWriter(run.dir("length") / "drops.jsonl") as drops, \
+            TokenWriter(run.dir("length")) as tokens:
+        encoded = run.engine.map(encode_chunk, text_chunks(), str(run.tokenizer_path))
+        for chunk_ids in run.progress(encoded, "length"):
+            for doc, ids in zip(queue.popleft(), chunk_ids):
                 counter["in"] += 1
-                reason = length.verdict(n, cfg.min_tokens, cfg.max_tokens)
+                reason = length.verdict(ids.size, cfg.min_tokens, cfg.max_tokens)
                 if reason:
                     _drop(counter, drops, Drop(doc.id, doc.source, doc.loc, length.STAGE, reason,
-                                               f"{n} tokens outside [{cfg.min_tokens}, {cfg.max_tokens}]"))
+                                               f"{ids.size} tokens outside [{cfg.min_tokens}, {cfg.max_tokens}]"))
                 else:
                     counter["kept"] += 1
-                    kept_lengths.append(n)
+                    kept_lengths.append(int(ids.size))
                     docs.write(doc)
+                    tokens.write(ids)
     stats.update({"in": counter["in"], "kept": counter["kept"], "lengths": length.summary(kept_lengths)})
     return stats
 
 
 def _augment(run: Run) -> dict[str, Any]:
-    """Add marked, augmented copies of text documents (when enabled; otherwise pass through)."""
+    """Add marked, augmented copies of text documents (when enabled; otherwise pass through).
+
+    Originals keep the ids the length stage computed; only the copies are encoded.
+    """
     cfg = run.cfg
     stats: dict[str, Any] = {"bytes": 0, "in": 0, "added": 0, "enabled": cfg.augment}
-    with JsonlWriter(run.docs("augment")) as docs, JsonlWriter(run.dir("augment") / "drops.jsonl"):
-        for doc in iter_docs(run.docs("length")):
-            stats["in"] += 1
-            docs.write(doc)
-            if cfg.augment:
+    originals = zip(iter_docs(run.docs("length")), iter_token_ids(run.dir("length")))
+    queue: collections.deque = collections.deque()
+
+    def copy_chunks() -> Iterator[list[str]]:
+        for chunk in _chunks(originals, cfg.chunk_docs, lambda item: len(item[0].text)):
+            copies = [augment(doc, cfg.synonyms, cfg.synonym_probability, cfg.number_scale, cfg.seed) if cfg.augment
+                      else None for doc, _ in chunk]
+            queue.append((chunk, copies))
+            yield [c.text for c in copies if c is not None]
+
+    with JsonlWriter(run.docs("augment")) as docs, JsonlWriter(run.dir("augment") / "drops.jsonl"), \
+            TokenWriter(run.dir("augment")) as tokens:
+        # with augmentation off there is nothing to encode: no need to start workers for it
+        encoded_copies = (run.engine.map(encode_chunk, copy_chunks(), str(run.tokenizer_path)) if cfg.augment
+                          else ([] for _ in copy_chunks()))
+        for encoded in run.progress(encoded_copies, "augment"):
+            chunk, copies = queue.popleft()
+            copy_ids = iter(encoded)
+            for (doc, ids), copy in zip(chunk, copies):
+                stats["in"] += 1
                 stats["bytes"] += len(doc.text.encode("utf-8"))
-                copy = augment(doc, cfg.synonyms, cfg.synonym_probability, cfg.number_scale, cfg.seed)
+                docs.write(doc)
+                tokens.write(ids)
                 if copy is not None:
                     docs.write(copy)
+                    tokens.write(next(copy_ids))
                     stats["added"] += 1
     stats["kept"] = stats["in"] + stats["added"]
     return stats
 
 
 def _shards(run: Run) -> dict[str, Any]:
-    """Encode, frame each document as <|bos|> ids <|eos|>, split by document, pack into shards."""
+    """Frame each document as <|bos|> ids <|eos|>, split by document, pack into shards.
+
+    After every full shard a checkpoint records how many documents are in, each split's index so
+    far and its partial shard, so an interrupted stage resumes at the last completed shard.
+    """
     cfg = run.cfg
     tok = load_tokenizer(run.tokenizer_path)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
     dtype = dtype_for(vocab_size)
     tmp_dir = run.work / "shards.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
     writers = {s: ShardWriter(tmp_dir, s, cfg.shard_tokens, dtype) for s in SPLITS}
-    stats: dict[str, Any] = {"bytes": 0, "in": 0}
+    stats: dict[str, Any] = {"bytes": 0, "in": 0, "resumed_at_document": 0}
     mix: dict[str, dict[str, int]] = {}
-    queue: collections.deque = collections.deque()
-
-    def text_chunks() -> Iterator[list[str]]:
-        for chunk in _chunks(iter_docs(run.docs("augment")), cfg.chunk_docs, lambda d: len(d.text)):
-            queue.append(chunk)
-            stats["bytes"] += sum(len(d.text.encode("utf-8")) for d in chunk)
-            yield [d.text for d in chunk]
-
-    for ids_chunk in run.progress(run.engine.map(encode_chunk, text_chunks(), str(run.tokenizer_path)), "shards"):
-        for doc, ids in zip(queue.popleft(), ids_chunk):
-            stats["in"] += 1
-            # an augmented copy goes where its original went, so validation never sees a variant of training text
-            split = split_of(doc.id.removesuffix("#aug") if doc.augmented else doc.id, cfg.seed, cfg.val_fraction)
-            writers[split].add(doc.id, np.concatenate(([bos], ids, [eos])).astype(dtype))
-            lang = mix.setdefault(doc.lang or "und", {"documents": 0, "tokens": 0})
-            lang["documents"] += 1
-            lang["tokens"] += int(ids.size)
+    checkpoint = ShardCheckpoint(tmp_dir, run.fingerprint)
+    saved = checkpoint.load(writers)
+    if saved is not None:
+        stats, mix = saved["stats"], saved["mix"]
+        stats["resumed_at_document"] = stats["in"]
+        run.log(f"prepare: shards: resuming after document {stats['in']} (shard checkpoint)")
+    done = stats["in"]
+    todo = zip(itertools.islice(iter_docs(run.docs("augment")), done, None), iter_token_ids(run.dir("augment"), done))
+    for doc, ids in run.progress(todo, "shards", "doc"):
+        stats["in"] += 1
+        stats["bytes"] += len(doc.text.encode("utf-8"))
+        # an augmented copy goes where its original went, so validation never sees a variant of training text
+        split = split_of(doc.id.removesuffix("#aug") if doc.augmented else doc.id, cfg.seed, cfg.val_fraction)
+        shards_before = len(writers[split].shards)
+        writers[split].add(doc.id, np.concatenate(([bos], ids, [eos])).astype(dtype))
+        lang = mix.setdefault(doc.lang or "und", {"documents": 0, "tokens": 0})
+        lang["documents"] += 1
+        lang["tokens"] += int(ids.size)
+        if len(writers[split].shards) > shards_before:
+            checkpoint.save(writers, {"stats": stats, "mix": mix})
     index = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab_size, "bos_id": bos, "eos_id": eos,
              "tokenizer": "../tokenizer.json", "seed": cfg.seed, "val_fraction": cfg.val_fraction,
              "splits": {s: w.close() for s, w in writers.items()}}
+    checkpoint.clear()
     write_json(tmp_dir / INDEX, index)
     final = run.out / "shards"
     shutil.rmtree(final, ignore_errors=True)
     tmp_dir.replace(final)
-    stats.update(kept=stats["in"], dtype=dtype.name, vocab_size=vocab_size, languages=mix,
-                 splits={s: {k: index["splits"][s][k] for k in ("tokens", "documents")} | {"shards": len(index["splits"][s]["shards"])}
-                         for s in SPLITS})
+    splits = {s: {"tokens": e["tokens"], "documents": e["documents"], "shards": len(e["shards"])}
+              for s, e in index["splits"].items()}
+    stats.update(kept=stats["in"], dtype=dtype.name, vocab_size=vocab_size, languages=mix, splits=splits)
     return stats
 
 

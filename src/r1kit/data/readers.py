@@ -45,16 +45,23 @@ def iter_inputs(inputs: tuple[str, ...], text_field: str, text_exts: tuple[str, 
     for item in inputs:
         if not os.path.exists(item):
             raise ConfigError(f"input {item!r} does not exist; pass existing files or folders (or none for the embedded corpus)")
-    for path in list_files(inputs):
+    errors: list[OSError] = []
+    for path in list_files(inputs, errors):
         yield from iter_file(path, text_field, text_exts, code_exts)
+    for exc in errors:  # folders that could not be listed
+        where = str(exc.filename)
+        yield Drop(where, where, None, STAGE, "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
 
 
-def list_files(inputs: tuple[str, ...]) -> list[str]:
-    """The files under ``inputs`` in a stable order (the order decides which duplicate is kept)."""
+def list_files(inputs: tuple[str, ...], errors: list[OSError] | None = None) -> list[str]:
+    """The files under ``inputs`` in a stable order (the order decides which duplicate is kept).
+
+    Folders that cannot be listed are appended to ``errors`` when given.
+    """
     files: list[str] = []
     for item in inputs:
         if os.path.isdir(item):
-            for root, dirs, names in os.walk(item):
+            for root, dirs, names in os.walk(item, onerror=None if errors is None else errors.append):
                 dirs.sort()
                 files.extend(os.path.join(root, n) for n in sorted(names))
         else:

@@ -1,7 +1,8 @@
 """The records that flow between stages (documents and drops) and their atomic JSONL files.
 
-Stages hand each other JSON-lines files, one document per line, so that every stage streams and a
-finished stage's output can be reused by a resumed run. This module must never hold a whole corpus
+Stages hand each other JSON-lines files, one document per line (and, once tokenized, the documents'
+token ids beside them), so that every stage streams and a finished stage's output can be reused by a
+resumed run. This module must never hold a whole corpus
 in memory, and never leave a half-written file under its final name.
 """
 
@@ -12,6 +13,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
 
 
 @dataclasses.dataclass
@@ -84,20 +87,13 @@ class AtomicWriter:
 
 
 class JsonlWriter(AtomicWriter):
-    """Atomic JSON-lines writer that also records the byte offset of every line it writes."""
+    """Atomic JSON-lines writer of documents or drops."""
 
     def __init__(self, path: str | Path):
         super().__init__(path, "wb")
-        self.offsets: list[int] = []
-        self._pos = 0
 
-    def write(self, record: Doc | Drop) -> int:
-        """Append one record; returns its byte offset (for ``read_at``)."""
-        data = record.to_json().encode("utf-8") + b"\n"
-        self.offsets.append(self._pos)
-        self.file.write(data)
-        self._pos += len(data)
-        return self.offsets[-1]
+    def write(self, record: Doc | Drop) -> None:
+        self.file.write(record.to_json().encode("utf-8") + b"\n")
 
 
 def iter_docs(path: str | Path) -> Iterator[Doc]:
@@ -121,3 +117,36 @@ def write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+class TokenWriter:
+    """Token ids of a stage's documents, in the order of its ``docs.jsonl``: ``ids.bin`` (uint32)
+    and ``counts.bin`` (one uint32 per document), both written atomically on leaving the block."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.ids = AtomicWriter(self.directory / "ids.bin", "wb")
+        self.counts: list[int] = []
+
+    def write(self, ids: np.ndarray) -> None:
+        self.ids.file.write(np.asarray(ids, dtype="<u4").tobytes())
+        self.counts.append(len(ids))
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.ids.__exit__(exc_type, exc, tb)
+        if exc_type is None:
+            with AtomicWriter(self.directory / "counts.bin", "wb") as w:
+                w.file.write(np.asarray(self.counts, dtype="<u4").tobytes())
+
+
+def iter_token_ids(directory: str | Path, start: int = 0) -> Iterator[np.ndarray]:
+    """Stream the token ids written by ``TokenWriter``, from document number ``start`` on."""
+    directory = Path(directory)
+    counts = np.fromfile(directory / "counts.bin", dtype="<u4")
+    with open(directory / "ids.bin", "rb") as f:
+        f.seek(int(counts[:start].sum(dtype=np.int64)) * 4)
+        for n in counts[start:]:
+            yield np.fromfile(f, dtype="<u4", count=int(n))

@@ -10,12 +10,13 @@ memory: the reader memory-maps the shards and copies only the block it returns.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from r1kit.data.records import AtomicWriter, read_json
+from r1kit.data.records import AtomicWriter, read_json, write_json
 from r1kit.errors import CheckpointError
 
 FORMAT = "r1kit-shards-v1"
@@ -70,6 +71,18 @@ class ShardWriter:
             w.file.write(self.buffer[:self.fill].tobytes())
         self.shards.append({"file": name, "tokens": self.fill})
         self.fill = 0
+
+    def state(self) -> dict[str, Any]:
+        """Everything but the partial shard's tokens (``self.buffer[:self.fill]``), for a checkpoint."""
+        return {"shards": self.shards, "ids": self.ids, "offsets": self.offsets, "counts": self.counts,
+                "total": self.total}
+
+    def restore(self, state: dict[str, Any], partial: np.ndarray) -> None:
+        """Continue from a checkpoint: ``state()`` and the partial shard's tokens saved with it."""
+        self.shards, self.ids, self.offsets, self.counts = state["shards"], state["ids"], state["offsets"], state["counts"]
+        self.total = state["total"]
+        self.fill = partial.size
+        self.buffer[:self.fill] = partial
 
     def close(self) -> dict[str, Any]:
         """Write the last partial shard; return this split's entry of the index."""
@@ -177,3 +190,47 @@ class ShardDataset:
             if state[key] != getattr(self, key):
                 raise ValueError(f"data-loader state has {key}={state[key]!r} but this dataset has {getattr(self, key)!r}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class ShardCheckpoint:
+    """A shard folder's progress while it is written: ``checkpoint.json`` + the partial shards.
+
+    Partial shards are numbered with the checkpoint that names them and written before it, so a
+    crash at any moment leaves the previous checkpoint and its partials intact.
+    """
+
+    def __init__(self, directory: Path, fingerprint: str):
+        self.directory, self.fingerprint = directory, fingerprint
+        self.path = directory / "checkpoint.json"
+        self.number = 0
+
+    def load(self, writers: dict[str, ShardWriter]) -> dict[str, Any] | None:
+        """Restore ``writers`` and return the saved extras, or start clean (None)."""
+        saved = read_json(self.path) if self.path.is_file() else None
+        if saved is None or saved["fingerprint"] != self.fingerprint:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.directory.mkdir(parents=True)
+            return None
+        self.number = saved["number"]
+        for split, writer in writers.items():
+            partial = np.fromfile(self._partial(split, self.number), dtype=writer.dtype)
+            writer.restore(saved["writers"][split], partial)
+        return saved["extra"]
+
+    def save(self, writers: dict[str, ShardWriter], extra: dict[str, Any]) -> None:
+        self.number += 1
+        for split, writer in writers.items():
+            with AtomicWriter(self._partial(split, self.number), "wb") as w:
+                w.file.write(writer.buffer[:writer.fill].tobytes())
+        write_json(self.path, {"fingerprint": self.fingerprint, "number": self.number, "extra": extra,
+                               "writers": {s: w.state() for s, w in writers.items()}})
+        for split in writers:
+            self._partial(split, self.number - 1).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+        for split in SPLITS:
+            self._partial(split, self.number).unlink(missing_ok=True)
+
+    def _partial(self, split: str, number: int) -> Path:
+        return self.directory / f"{split}.partial-{number}"

@@ -79,11 +79,6 @@ def _encode(texts: list[str], tokenizer_path: str) -> list:
     return getattr(tok, "encode_batch_fast", tok.encode_batch)(texts, add_special_tokens=False)
 
 
-def count_chunk(texts: list[str], tokenizer_path: str) -> list[int]:
-    """Token counts of a chunk of texts (no special tokens added); a worker task."""
-    return [len(e.ids) for e in _encode(texts, tokenizer_path)]
-
-
 def encode_chunk(texts: list[str], tokenizer_path: str) -> list[np.ndarray]:
     """Token ids of a chunk of texts, as uint32 arrays; a worker task."""
     return [np.asarray(e.ids, dtype=np.uint32) for e in _encode(texts, tokenizer_path)]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.config import ModelConfig
+from r1kit.errors import ConfigError
 from r1kit.model.rope import apply_rotary
 
 if TYPE_CHECKING:
@@ -150,13 +151,36 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.kind == "global":
+        masks = getattr(cache, "attention_mask", None)
+        if masks is not None:  # a batch of sequences of different lengths (the engine's paged cache)
+            out = self._masked(x, q, k, v, masks, window)
+        elif self.kind == "global":
             out = global_attention(q, k, v)
         elif self.kind == "local":
             out = local_attention(q, k, v, window)
         else:
             out = self._hybrid(x, q, k, v, window)
         return self.o_proj(out.transpose(1, 2).reshape(batch, m, self.num_heads * self.head_dim))
+
+    def _masked(self, x, q, k, v, masks, window: int) -> torch.Tensor:
+        """Attention under explicit [B, 1, m, n] masks from the cache (padding and positions are its business)."""
+        if self.kind == "global":
+            return _sdpa(q, k, v, mask=masks("global", window))
+        local = _sdpa(q, k, v, mask=masks("local", window))
+        if self.kind == "local":
+            return local
+        if self.config.hybrid_global == "compressed":
+            raise ConfigError("hybrid_global=compressed is not supported with a batched (masked) cache; use hybrid_global=full")
+        g = self._gate(x, q)
+        return g * local + (1 - g) * _sdpa(q, k, v, mask=masks("global", window))
+
+    def _gate(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The mixing weight of the local branch, [B, 1 or H, m, 1]."""
+        if self.gate_override is not None:
+            return torch.full((x.shape[0], 1, x.shape[1], 1), self.gate_override, dtype=q.dtype, device=q.device)
+        g = torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
+        self.last_gate_mean = float(g.detach().float().mean())
+        return g
 
     def _global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.config.hybrid_global == "compressed":
@@ -165,11 +189,7 @@ class Attention(nn.Module):
 
     def _hybrid(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
         local = local_attention(q, k, v, window)
-        if self.gate_override is not None:
-            g = torch.full((x.shape[0], 1, x.shape[1], 1), self.gate_override, dtype=q.dtype, device=q.device)
-        else:
-            g = torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]  # [B, 1 or H, m, 1]
-        self.last_gate_mean = float(g.detach().float().mean())
+        g = self._gate(x, q)
         threshold = self.config.hybrid_gate_threshold
         if threshold is None or self.training:
             if self.gate_override == 1.0:
