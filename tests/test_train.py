@@ -113,11 +113,8 @@ def test_resume_continues_the_same_loss_curve(shards, tmp_path):
 
 def test_training_learns_and_the_cli_trains_and_evaluates(shards, tmp_path):
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(
-        "model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in MODEL.to_dict().items() if v is not None)
-        + f"train:\n  data: {shards}\n  out: {tmp_path / 'run'}\n  seq_len: 32\n  micro_batch_size: 8\n  max_steps: 60\n"
-        "  warmup_steps: 5\n  lr: 5.0e-3\n  eval_every: 30\n  save_every: 30\n  log_every: 10\n"
-    )
+    run_yaml.write_text(yaml_of(MODEL, data=shards, out=tmp_path / "run", seq_len=32, micro_batch_size=8, max_steps=60, warmup_steps=5,
+                                lr=5.0e-3, eval_every=30, save_every=30, log_every=10))  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "r1kit.cli", "train", "--config", str(run_yaml), "--keep-last", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -132,18 +129,34 @@ def test_training_learns_and_the_cli_trains_and_evaluates(shards, tmp_path):
     assert result["ppl"] == pytest.approx(summary["val_ppl"], rel=0.05) and len(result["by_position"]) == 4
 
 
-def test_data_parallel_on_gloo_matches_one_process(shards, tmp_path):
-    single = Trainer(MODEL, make(shards, tmp_path / "one", micro_batch_size=4, max_steps=2))
-    single.run()
-    cfg = tmp_path / "ddp.yaml"
-    cfg.write_text("model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in MODEL.to_dict().items() if v is not None)
-                   + f"train:\n  data: {shards}\n  out: {tmp_path / 'two'}\n  seq_len: 16\n  micro_batch_size: 2\n  max_steps: 2\n"
-                   "  warmup_steps: 2\n  lr: 3.0e-3\n  eval_every: 0\n  log_every: 1\n  save_every: 3\n  eval_batches: 2\n")  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "r1kit.cli", "train", "--config", str(cfg)],
+def yaml_of(model, **train):
+    return "model:\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in model.to_dict().items() if v is not None) + "train:\n" + "".join(
+        f"  {k}: {v}\n" for k, v in train.items()
+    )
+
+
+def torchrun(cfg, *extra, port):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "r1kit.cli", "train", "--config", str(cfg), *extra],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["ddp", "tp"])
+def test_two_processes_on_gloo_match_one_process(shards, tmp_path, mode):
+    """DDP: each rank takes half the batch; TP: each rank holds half of every block. Same losses and weights."""
+    tp = 2 if mode == "tp" else 1
+    micro = 4 if mode == "tp" else 2
+    single = Trainer(MODEL, make(shards, tmp_path / "one", micro_batch_size=4, max_steps=4, save_every=2))
+    single.run()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml_of(MODEL, data=shards, out=tmp_path / "two", seq_len=16, micro_batch_size=micro, max_steps=4, warmup_steps=2,
+                           lr=3.0e-3, eval_every=0, log_every=1, save_every=2, eval_batches=2, tensor_parallel=tp))  # fmt: skip
+    r = torchrun(cfg, "--max-steps", "2", port=29517 + tp)
     assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(cfg, "--resume", port=29527 + tp)  # continue from the step-2 checkpoint to step 4
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'two' / 'checkpoints' / 'step-0000002'}" in r.stdout
     one = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     two = [json.loads(l)["loss"] for l in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert two == pytest.approx(one, abs=1e-5)
@@ -152,6 +165,17 @@ def test_data_parallel_on_gloo_matches_one_process(shards, tmp_path):
     a, b = load_model(tmp_path / "one" / "model"), load_model(tmp_path / "two" / "model")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attention,ffn,gate", [("hybrid", "topk", "head"), ("hybrid", "topk", "token"), ("global", "dense", "token")])
+def test_tensor_parallel_step_matches_one_device(attention, ffn, gate):
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541", "tests/tp_worker.py", attention, ffn, gate],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    diffs = json.loads(r.stdout.strip().splitlines()[-1])
+    assert diffs["loss_diff"] < 1e-6 and diffs["grad_diff"] < 1e-6
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ Everything here is a pure function of its inputs (the random generator is passed
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Mapping
 
 import torch
 
@@ -26,6 +27,18 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
+    # --- the engine's controls (vLLM's names); the reference loop above ignores them ---
+    n: int = 1
+    min_tokens: int = 0  # EOS and stop ids are masked until this many tokens are out
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one found
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # log-probabilities of the sampled token plus this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (``echo``); bypasses the prefix cache
+    skip_special_tokens: bool = True  # in the text (``<think>``/``</think>`` are always kept)
+    thinking_budget: int | None = None  # after this many reasoning tokens, force ``</think>``
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -40,7 +53,31 @@ class SamplingParams:
             raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off, >1 discourages repeats)")
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens={self.max_tokens} must be >= 1")
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if self.n < 1:
+            raise ConfigError(f"n={self.n} must be >= 1 (the number of completions per prompt)")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ConfigError(f"min_tokens={self.min_tokens} must be between 0 and max_tokens={self.max_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be in [-2, 2] (0 is off)")
+        for name in ("logprobs", "prompt_logprobs", "thinking_budget"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name}={value} must be >= 0 or None")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ConfigError(f"stop={self.stop!r} must be a string or a list of non-empty strings")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        set_("stop", stop)
+        set_("stop_token_ids", tuple(self.stop_token_ids or ()))
+        if self.logit_bias is not None:
+            set_("logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+    def __hash__(self) -> int:  # logit_bias is a dict; params are compared, rarely hashed
+        return hash((self.temperature, self.top_k, self.top_p, self.max_tokens, self.seed, self.n))
 
     @property
     def greedy(self) -> bool:
@@ -80,3 +117,22 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
         return logits.argmax(-1)
     logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float] | None) -> torch.Tensor:
+    """Add ``bias[token]`` to each listed token's logit (logits: [..., V])."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), device=logits.device)
+    if int(ids.min()) < 0 or int(ids.max()) >= logits.shape[-1]:
+        raise ConfigError(f"logit_bias names token ids outside the vocabulary [0, {logits.shape[-1]})")
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(-1, ids, values.expand(*logits.shape[:-1], -1))
+
+
+def apply_presence_frequency(logits: torch.Tensor, output_ids: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over the *generated* tokens [L]: ``logit -= presence·[count>0] + frequency·count``."""
+    if (presence == 0.0 and frequency == 0.0) or output_ids.numel() == 0:
+        return logits
+    counts = torch.bincount(output_ids, minlength=logits.shape[-1]).to(logits.dtype)
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts

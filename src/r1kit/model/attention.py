@@ -20,6 +20,7 @@ from r1kit.model.rope import apply_rotary
 
 if TYPE_CHECKING:
     from r1kit.model.cache import KVCacheView
+    from r1kit.train.parallel import TensorParallelShard
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -135,6 +136,7 @@ class Attention(nn.Module):
             self.gate = nn.Sequential(nn.Linear(d, d // 4), nn.SiLU(), nn.Linear(d // 4, gate_out))
         self.gate_override: float | None = None  # tests and ablations pin the gate to 0 (global) or 1 (local)
         self.last_gate_mean: float | None = None
+        self.tp: "TensorParallelShard | None" = None  # set by r1kit.train.parallel.apply_tp
 
     def forward(
         self,
@@ -145,9 +147,10 @@ class Attention(nn.Module):
         cache: "KVCacheView | None" = None,
     ) -> torch.Tensor:
         batch, m, _ = x.shape
-        q = self.q_proj(x).view(batch, m, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # -1 heads: under tensor parallelism each rank projects only its own share of the heads
+        q = self.q_proj(x).view(batch, m, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, m, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, m, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -160,7 +163,7 @@ class Attention(nn.Module):
             out = local_attention(q, k, v, window)
         else:
             out = self._hybrid(x, q, k, v, window)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, m, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
 
     def _masked(self, x, q, k, v, masks, window: int) -> torch.Tensor:
         """Attention under explicit [B, 1, m, n] masks from the cache (padding and positions are its business)."""
@@ -180,6 +183,8 @@ class Attention(nn.Module):
             return torch.full((x.shape[0], 1, x.shape[1], 1), self.gate_override, dtype=q.dtype, device=q.device)
         g = torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
         self.last_gate_mean = float(g.detach().float().mean())
+        if self.tp is not None:
+            g = self.tp.local_gate(g, q.shape[1])
         return g
 
     def _global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -15,11 +15,16 @@ The layer never changes its own sparsity: :mod:`r1kit.model.sparsity` owns that 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from r1kit.config import ModelConfig
+
+if TYPE_CHECKING:
+    from r1kit.train.parallel import TensorParallelShard
 
 
 def _activation(name: str):
@@ -61,6 +66,7 @@ class TopKFFN(DenseFFN):
         self.gradient = config.topk_gradient
         self.gather_max_tokens = config.topk_gather_max_tokens
         self.last_retained: torch.Tensor | None = None  # share of |activation| mass kept, for the controller
+        self.tp: "TensorParallelShard | None" = None  # set by r1kit.train.parallel.apply_tp
         self._down_t: torch.Tensor | None = None
         self._down_t_version: tuple[int, int] | None = None
 
@@ -71,7 +77,7 @@ class TopKFFN(DenseFFN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
-        if not self.training and not torch.is_grad_enabled() and tokens <= self.gather_max_tokens:
+        if self.tp is None and not self.training and not torch.is_grad_enabled() and tokens <= self.gather_max_tokens:
             return self.forward_gather(x)
         return self.forward_masked(x)
 
@@ -79,11 +85,14 @@ class TopKFFN(DenseFFN):
         """Dense compute, then zero all but the top-k neurons per token (training and prefill)."""
         selector, h = self.activations(x)
         magnitude = selector.detach().abs()
-        idx = magnitude.topk(self.k, dim=-1).indices
-        mask = torch.zeros_like(h).scatter_(-1, idx, 1.0)
+        if self.tp is None:
+            mask = torch.zeros_like(h).scatter_(-1, magnitude.topk(self.k, dim=-1).indices, 1.0)
+            kept, total = (magnitude * mask).sum(-1), magnitude.sum(-1)
+        else:  # this rank holds a slice of the neurons: select against the global top-k
+            mask = self.tp.topk_mask(magnitude, self.k).to(h.dtype)
+            kept, total = self.tp.sum_over_ranks((magnitude * mask).sum(-1)), self.tp.sum_over_ranks(magnitude.sum(-1))
         if self.training:
-            kept = (magnitude * mask).sum(-1) / magnitude.sum(-1).clamp_min(1e-12)
-            self.last_retained = kept.mean().detach()
+            self.last_retained = (kept / total.clamp_min(1e-12)).mean().detach()
         if self.gradient == "ste" and self.training:
             sparse = h + (h * mask - h).detach()
         else:

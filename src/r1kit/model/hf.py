@@ -223,11 +223,14 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     return model.eval()
 
 
-def save_model(model, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Write ``config.json`` and the weights (one file, or shards + index above ``max_shard_bytes``)."""
+def save_model(model, path: str | Path, max_shard_bytes: int = 5 * 2**30, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``config.json`` and the weights (one file, or shards + index above ``max_shard_bytes``).
+
+    ``state`` replaces ``model.state_dict()`` (a tensor-parallel model passes its gathered weights).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in (state if state is not None else model.state_dict()).items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -146,8 +146,8 @@ class R1kitForCausalLM(nn.Module):
 
         return load_model(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30, state: dict[str, torch.Tensor] | None = None) -> None:
         """Save as ``config.json`` + ``model.safetensors`` (sharded with an index above ``max_shard_bytes``)."""
         from r1kit.model.hf import save_model
 
-        save_model(self, path, max_shard_bytes=max_shard_bytes)
+        save_model(self, path, max_shard_bytes=max_shard_bytes, state=state)

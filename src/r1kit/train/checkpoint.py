@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+from r1kit.errors import CheckpointError
 
 PREFIX = "step-"
 
@@ -22,23 +24,46 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / "checkpoints"
 
 
-def save_checkpoint(out: str | Path, step: int, model, state: dict[str, Any], keep: int, extra_files: list[Path] = ()) -> Path:
-    """Write checkpoint ``step`` and prune to the newest ``keep``; returns its directory."""
+def save_checkpoint(
+    out: str | Path,
+    step: int,
+    model,
+    state: dict[str, Any],
+    keep: int,
+    extra_files: list[Path] = (),
+    model_state: dict[str, torch.Tensor] | None = None,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write checkpoint ``step`` and prune to the newest ``keep``; returns its directory.
+
+    Tensor-parallel runs call this on every rank (``rank``, ``barrier``): rank 0 writes the gathered
+    model, each rank its own optimizer shard, and rank 0 renames once all have written.
+    """
     root = checkpoint_dir(out)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
     tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(state, tmp / "trainer_state.pt")
-    for file in extra_files:
-        shutil.copyfile(file, tmp / Path(file).name)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(out)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state=model_state)
+        for file in extra_files:
+            shutil.copyfile(file, tmp / Path(file).name)
+    barrier()
+    torch.save(state, tmp / state_file(rank))
+    barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
+
+
+def state_file(rank: int) -> str:
+    return "trainer_state.pt" if rank == 0 else f"trainer_state.rank{rank}.pt"
 
 
 def list_checkpoints(out: str | Path) -> list[Path]:
@@ -54,5 +79,8 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_trainer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+def load_trainer_state(path: Path, rank: int = 0) -> dict[str, Any]:
+    file = path / state_file(rank)
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: resume a tensor-parallel run with the same number of processes")
+    return torch.load(file, map_location="cpu", weights_only=False)

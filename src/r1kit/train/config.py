@@ -46,11 +46,12 @@ class TrainConfig:
     save_every: int = 200
     keep_last: int = 3
     seed: int = 0
+    tensor_parallel: int = 1
     device: str = "auto"
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        positive = ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "save_every", "keep_last")
+        positive = ("seq_len", "micro_batch_size", "grad_accum", "max_steps", "eval_batches", "log_every", "save_every", "keep_last", "tensor_parallel")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -105,7 +105,7 @@ class Trainer:
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> None:
         self.config, self.log = config, log
         self.out = Path(config.out)
-        self.dist = distributed.setup()
+        self.dist = distributed.setup(config.tensor_parallel)
         self.device = pick_device(config.device) if self.dist.world == 1 else self.dist.device
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -157,7 +157,7 @@ class Trainer:
         return model.train()
 
     def _restore(self, checkpoint: Path) -> None:
-        state = load_trainer_state(checkpoint)
+        state = load_trainer_state(checkpoint, self.dist.rank if self.dist.tp > 1 else 0)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(state["data"])
@@ -190,7 +190,7 @@ class Trainer:
         baseline = unigram_perplexity(self.data)
         self.log(
             f"model {self.model.config.num_parameters() / 1e6:.2f}M params | {self.data.tokens:,} train tokens | "
-            f"{cfg.tokens_per_step * self.dist.world:,} tokens/step | unigram-baseline perplexity {baseline:.1f}"
+            f"{cfg.tokens_per_step * self.dist.dp_world:,} tokens/step | unigram-baseline perplexity {baseline:.1f}"
         )
         bar = _progress(self.state.step, cfg.max_steps, self.dist.is_main)
         start = time.perf_counter() - self.state.elapsed
@@ -207,8 +207,8 @@ class Trainer:
             loss, grad_norm = self._train_step()
             sparsity = self.controller.step(loss) if self.controller else {}
             self.state.step += 1
-            self.state.tokens += cfg.tokens_per_step * self.dist.world
-            window_tokens += cfg.tokens_per_step * self.dist.world
+            self.state.tokens += cfg.tokens_per_step * self.dist.dp_world
+            window_tokens += cfg.tokens_per_step * self.dist.dp_world
             self.state.elapsed = time.perf_counter() - start
             if cfg.eval_every and self.state.step % cfg.eval_every == 0:
                 last_val = self.evaluate()
@@ -250,8 +250,8 @@ class Trainer:
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step over the step's full batch; on OOM retry with half the micro-batch."""
         total = self.state.micro_batch_size * self.state.grad_accum
-        inputs, targets = self.data.next_batch(total * self.dist.world)
-        lo = self.dist.rank * total
+        inputs, targets = self.data.next_batch(total * self.dist.dp_world)
+        lo = self.dist.dp_rank * total
         inputs = torch.from_numpy(inputs[lo : lo + total]).to(self.device)
         targets = torch.from_numpy(targets[lo : lo + total]).to(self.device)
         while True:
@@ -287,7 +287,7 @@ class Trainer:
             total_loss += loss.detach()
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip, self.dist)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         return distributed.mean(total_loss, self.dist), float(grad_norm)
@@ -312,7 +312,9 @@ class Trainer:
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self) -> None:
-        if not self.dist.is_main:
+        sharded = self.dist.tp > 1
+        full = distributed.full_state_dict(self.model) if sharded else None  # a collective: every rank
+        if not (self.dist.is_main or sharded):
             return
         state = {
             "optimizer": self.optimizer.state_dict(),
@@ -323,19 +325,24 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
         }
         extra = [self.tokenizer_file] if self.tokenizer_file else []
-        save_checkpoint(self.out, self.state.step, self.model, state, self.config.keep_last, extra)
+        save_checkpoint(
+            self.out, self.state.step, self.model, state, self.config.keep_last, extra, model_state=full,
+            rank=self.dist.rank if sharded else 0, barrier=lambda: distributed.barrier(self.dist) if sharded else None,
+        )  # fmt: skip
 
     def export(self) -> Path:
         """The final model as a plain model directory (``<out>/model``), ready for generate/serve."""
         final = self.out / "model"
+        full = distributed.full_state_dict(self.model) if self.dist.tp > 1 else None
         if self.dist.is_main:
             tmp = self.out / ".model.tmp"
-            self.model.save_pretrained(tmp)
+            self.model.save_pretrained(tmp, state=full)
             if self.tokenizer_file:
                 (tmp / "tokenizer.json").write_bytes(self.tokenizer_file.read_bytes())
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+        distributed.barrier(self.dist)
         return final
 
     def _write_metrics(self, record: dict[str, Any]) -> None:

@@ -1,0 +1,346 @@
+"""The engine: requests in, token-by-token outputs out (the streaming interface the server drives).
+
+``add_request(request_id, prompt, params)`` queues a request; each ``step()`` schedules one batch
+(continuous batching: requests join between steps), runs the model over it against the paged KV
+cache, samples, detokenizes, checks stop conditions and returns a ``RequestOutput`` for every
+request that moved; ``abort(request_id)`` drops a request and frees its blocks at once.
+:class:`r1kit.infer.llm.LLM` is the offline, vLLM-shaped wrapper over this class.
+The engine owns the cache; the model only sees a cache view per forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from r1kit.errors import ConfigError
+from r1kit.infer.block_manager import BlockManager
+from r1kit.infer.model_runner import ModelRunner
+from r1kit.infer.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from r1kit.infer.paged_cache import bytes_per_block
+from r1kit.infer.sampler import SpecialIds, sample
+from r1kit.infer.sampling import SamplingParams
+from r1kit.infer.scheduler import Scheduler
+from r1kit.infer.sequence import Sequence
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # per step: decodes + (padded) prefill chunks
+    max_model_len: int | None = None  # default: the model's max_seq_len
+    kv_cache_memory: int | None = None  # bytes for the KV pool; default: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.2
+    num_kv_blocks: int | None = None  # exact pool size (overrides the memory budget)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 < self.kv_cache_fraction <= 1.0:
+            raise ConfigError(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, think_token_ids: tuple[int, int] | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        mc = model.config
+        if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_global == "compressed":
+            raise ConfigError("the engine does not support hybrid_global=compressed (no batched mask path); use hybrid_global=full or r1kit's reference generate")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_model_len = config.max_model_len or mc.max_seq_len
+        if self.max_model_len > mc.max_seq_len:
+            raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's max_seq_len={mc.max_seq_len}")
+        self.num_blocks = self._pool_blocks()
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size)
+        self.special = self._special_ids(think_token_ids)
+        self.hidden_ids = self._hidden_ids()
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _pool_blocks(self) -> int:
+        c, mc = self.config, self.model.config
+        if c.num_kv_blocks is not None:
+            return c.num_kv_blocks
+        per_block = bytes_per_block(mc, c.block_size, self.model.dtype)
+        budget = c.kv_cache_memory if c.kv_cache_memory is not None else int(c.kv_cache_fraction * free_memory(self.model.device))
+        blocks = budget // per_block
+        if c.kv_cache_memory is None:  # no point in more than every sequence at full length
+            blocks = min(blocks, c.max_num_seqs * -(-self.max_model_len // c.block_size))
+        if blocks < 1:
+            raise ConfigError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise kv_cache_memory")
+        return int(blocks)
+
+    def _special_ids(self, think_token_ids: tuple[int, int] | None) -> SpecialIds:
+        from r1kit.data.tokenizer import EOS, END_THINK, THINK
+
+        eos = self.model.config.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, tuple) else ({eos} if eos is not None else set())
+        tok = self.tokenizer
+        if not eos_ids and tok is not None and tok.token_to_id(EOS) is not None:
+            eos_ids = {tok.token_to_id(EOS)}
+        start, end = think_token_ids or (None, None)
+        if think_token_ids is None and tok is not None:
+            start, end = tok.token_to_id(THINK), tok.token_to_id(END_THINK)
+        return SpecialIds(frozenset(eos_ids), start, end)
+
+    def _hidden_ids(self) -> frozenset[int]:
+        """Special tokens left out of the text (``<think>``/``</think>`` stay: the reasoning parser needs them)."""
+        if self.tokenizer is None:
+            return frozenset()
+        keep = {self.special.think_start, self.special.think_end}
+        added = self.tokenizer.get_added_tokens_decoder()
+        return frozenset(i for i, t in added.items() if t.special and i not in keep)
+
+    # -- the streaming interface ---------------------------------------------------------------
+    def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ConfigError(f"request id {request_id!r} is already in use")
+        text, ids = self._tokenize(prompt)
+        self._validate(ids, params)
+        window = self.model.config.window_for(len(ids))
+        in_reasoning = self._opens_reasoning(ids)
+        seqs = []
+        for i in range(params.n):
+            generator = None
+            if params.seed is not None:
+                generator = torch.Generator(device=self.model.device).manual_seed(params.seed + i)
+            seqs.append(Sequence(request_id, i, ids, params, window, generator, in_reasoning))
+        request = Request(request_id, text, list(ids), params, seqs, RequestMetrics(arrival_time or time.time()))
+        self.requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is; its blocks are freed at once. False if it was unknown."""
+        request = self.requests.pop(str(request_id), None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("the scheduler could not run any sequence (KV pool too small for a waiting request)")
+            return []
+        moved: dict[str, Request] = {}
+        groups = [batch.prefills, [(seq, 1) for seq in batch.decodes]]
+        for group in groups:
+            if not group:
+                continue
+            now = time.time()
+            for seq, _ in group:
+                metrics = self.requests[seq.request_id].metrics
+                metrics.first_scheduled_time = metrics.first_scheduled_time or now
+            last, full = self.runner.run(group)
+            done_rows = []
+            for row, (seq, n) in enumerate(group):
+                if full is not None and seq.prompt_logprobs is not None:
+                    self._record_prompt_logprobs(seq, full[row, full.shape[1] - n :])
+                seq.num_computed_tokens += n
+                self.block_manager.register_computed(seq)
+                if seq.num_uncomputed == 0:
+                    done_rows.append(row)
+            if not done_rows:
+                continue
+            seqs = [group[r][0] for r in done_rows]
+            results = sample(last[done_rows], seqs, self.special, self._decode_one if self.tokenizer else None)
+            for seq, (token, entry) in zip(seqs, results):
+                self._append(seq, token, entry)
+                moved[seq.request_id] = self.requests[seq.request_id]
+        return [self._output(r) for r in moved.values()]
+
+    # -- per-token bookkeeping ------------------------------------------------------------------
+    def _append(self, seq: Sequence, token: int, entry) -> None:
+        p = seq.params
+        seq.token_ids.append(token)
+        metrics = self.requests[seq.request_id].metrics
+        metrics.first_token_time = metrics.first_token_time or time.time()
+        if entry is not None:
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += entry[token].logprob
+        if seq.in_reasoning:
+            seq.reasoning_tokens += 1
+        if token == self.special.think_end:
+            seq.in_reasoning = False
+        elif token == self.special.think_start:
+            seq.in_reasoning = True
+        checked = len(seq.text)  # the text before this token held no stop string
+        if self.tokenizer is not None and not (p.skip_special_tokens and token in self.hidden_ids):
+            seq.visible_ids.append(token)
+            seq.text += self._detokenize(seq)
+        reason, stop = None, None
+        if token in p.stop_token_ids:
+            reason, stop = "stop", token
+        elif not p.ignore_eos and token in self.special.eos:
+            reason = "stop"
+        elif p.stop and seq.num_output_tokens >= p.min_tokens and (cut := self._find_stop(seq, checked)) is not None:
+            reason, (stop, seq.text) = "stop", cut
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is None:
+            return
+        if not isinstance(stop, str) and self.tokenizer is not None:
+            seq.text = self.tokenizer.decode(seq.visible_ids, skip_special_tokens=False)  # flush partial characters
+        seq.finish_reason, seq.stop_reason = reason, stop
+        self.scheduler.finish(seq)
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """New text from the newest visible id; waits while the bytes end mid-character."""
+        ids, decode = seq.visible_ids, self.tokenizer.decode
+        prefix = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=False)
+        new = decode(ids[seq.prefix_offset :], skip_special_tokens=False)
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return new[len(prefix) :]
+        return ""
+
+    def _decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    @staticmethod
+    def _find_stop(seq: Sequence, checked: int) -> tuple[str, str] | None:
+        """(the stop string, the text cut at it) when one ends in the text after ``checked``."""
+        start = max(0, checked - max(len(s) for s in seq.params.stop) + 1)
+        found = [(i, s) for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
+        if not found:
+            return None
+        i, s = min(found)
+        return s, seq.text[: i + (len(s) if seq.params.include_stop_str_in_output else 0)]
+
+    def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Logits of a chunk's positions predict the next prompt tokens; keep those not yet recorded."""
+        from r1kit.infer.sampler import logprob_entry
+
+        start = seq.num_computed_tokens
+        for i in range(logits.shape[0]):
+            target = start + i + 1
+            if target == len(seq.prompt_logprobs) and target < seq.num_prompt_tokens:
+                decode = self._decode_one if self.tokenizer else None
+                seq.prompt_logprobs.append(logprob_entry(logits[i], seq.token_ids[target], seq.params.prompt_logprobs, decode))
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = []
+        for seq in request.seqs:
+            finished = seq.is_finished
+            hold = 0 if finished or not seq.params.stop else max(len(s) for s in seq.params.stop) - 1
+            shown = max(seq.emitted_chars, len(seq.text) - hold)
+            ids = seq.output_token_ids
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=seq.text[:shown] if not finished else seq.text,
+                    token_ids=ids,
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                    logprobs=seq.logprobs,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    delta_text=seq.text[seq.emitted_chars : shown],
+                    delta_token_ids=ids[seq.emitted_tokens :],
+                )
+            )
+            seq.emitted_chars, seq.emitted_tokens = shown, len(ids)
+        finished = all(seq.is_finished for seq in request.seqs)
+        if finished:
+            request.metrics.finished_time = time.time()
+            self.requests.pop(request.request_id, None)
+        first = request.seqs[0]
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            num_cached_tokens=first.num_cached_tokens,
+            prompt_logprobs=first.prompt_logprobs,
+            metrics=request.metrics,
+        )
+
+    # -- validation -----------------------------------------------------------------------------
+    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ConfigError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("a text prompt needs a tokenizer: load the LLM from a model directory with tokenizer.json, or pass token ids")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return None, [int(t) for t in prompt]
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model.config.vocab_size
+        if not ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ConfigError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
+                f"max_seq_len={self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        capacity = self.num_blocks * self.config.block_size
+        if self.block_manager.blocks_for(total) > self.num_blocks:
+            raise ConfigError(f"the KV cache holds {capacity} tokens, this request may need {total}; raise kv_cache_memory or lower max_tokens")
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+        if params.thinking_budget is not None and self.special.think_end is None:
+            raise ConfigError("thinking_budget needs the </think> token: load a tokenizer that has it or pass think_token_ids")
+        if params.logit_bias and (min(params.logit_bias) < 0 or max(params.logit_bias) >= vocab):
+            raise ConfigError(f"logit_bias token ids must be in [0, {vocab})")
+
+    def _opens_reasoning(self, ids: list[int]) -> bool:
+        start, end = self.special.think_start, self.special.think_end
+        if start is None:
+            return False
+        last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
+        last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
+        return last_start > last_end

@@ -1,0 +1,102 @@
+"""``LLM``: offline batched generation with vLLM's shape, so code and benchmarks can swap engines.
+
+    from r1kit import LLM, SamplingParams
+    llm = LLM("path/to/model")
+    outs = llm.generate(["Hello", [1, 2, 3], {"prompt_token_ids": [4, 5]}], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].num_cached_tokens
+
+Everything runs on :class:`r1kit.infer.engine.LLMEngine`; this class only queues the prompts and
+steps the engine until they are done.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from r1kit.errors import ConfigError
+from r1kit.infer.engine import EngineConfig, LLMEngine, Prompt
+from r1kit.infer.outputs import RequestOutput
+from r1kit.infer.sampling import SamplingParams
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LLM:
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        think_token_ids: tuple[int, int] | None = None,
+        **engine_args,
+    ) -> None:
+        """``model``: a model directory or an ``R1kitForCausalLM``; ``engine_args``: :class:`EngineConfig` fields
+        (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
+        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``)."""
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ConfigError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
+            dtype = DTYPES[dtype]
+        if isinstance(model, (str, Path)):
+            from r1kit.data.tokenizer import load_tokenizer
+            from r1kit.model.hf import load_model
+
+            path = Path(model)
+            model = load_model(path, dtype=dtype, device=device)
+            if tokenizer is None and (path / "tokenizer.json").is_file():
+                tokenizer = load_tokenizer(path)
+        elif dtype is not None:
+            model = model.to(dtype)
+        unknown = set(engine_args) - set(EngineConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"unknown LLM arguments {sorted(unknown)}; engine options are {sorted(EngineConfig.__dataclass_fields__)}")
+        self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args), think_token_ids)
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the prompts' order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ConfigError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts; give one, or one per prompt")
+        engine = self.llm_engine
+        ids = []
+        try:
+            for prompt, params in zip(prompts, sampling_params):
+                ids.append(engine.add_request(None, prompt, params))
+            finished: dict[str, RequestOutput] = {}
+            progress = _progress(len(ids)) if use_tqdm else None
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if progress is not None:
+                            progress.update(1)
+            if progress is not None:
+                progress.close()
+        except BaseException:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        return [finished[i] for i in ids]
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests")

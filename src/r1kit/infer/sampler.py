@@ -1,0 +1,104 @@
+"""The engine's sampler: next tokens for a batch of sequences, each under its own SamplingParams.
+
+Per row, in this order: logit bias; ``min_tokens`` (EOS and stop ids masked); the thinking budget
+(only ``</think>`` left once a sequence has used its reasoning tokens); presence/frequency
+penalties over the output; then :func:`r1kit.infer.sampling.sample_next` (repetition penalty over
+prompt + output, greedy or temperature/top-k/top-p/min-p), the same code as the reference loop, so
+a seeded request draws the same tokens as ``generate`` does. A seeded sequence owns its
+``torch.Generator``, so its draws do not depend on which other requests share the batch.
+Log-probabilities are those of the model's raw distribution (before any processing), as vLLM's.
+Rows that need nothing but an argmax share one ``argmax`` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from r1kit.infer.sampling import apply_logit_bias, apply_presence_frequency, sample_next
+from r1kit.infer.sequence import Sequence
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int  # 1 is the most likely token
+    decoded_token: str | None = None
+
+
+@dataclass
+class SpecialIds:
+    eos: frozenset[int]
+    think_start: int | None = None
+    think_end: int | None = None
+
+
+def _plain_greedy(seq: Sequence, forced: bool) -> bool:
+    p = seq.params
+    return (
+        p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
+        and not p.logit_bias and seq.num_output_tokens >= p.min_tokens and not forced and p.logprobs is None
+    )
+
+
+def must_close_thinking(seq: Sequence, special: SpecialIds) -> bool:
+    budget = seq.params.thinking_budget
+    return budget is not None and seq.in_reasoning and seq.reasoning_tokens >= budget and special.think_end is not None
+
+
+def process_row(logits: torch.Tensor, seq: Sequence, special: SpecialIds) -> torch.Tensor:
+    """The controls before :func:`sample_next`, for one row [V] (float32)."""
+    p = seq.params
+    logits = apply_logit_bias(logits, p.logit_bias)
+    if seq.num_output_tokens < p.min_tokens:
+        banned = set(p.stop_token_ids) | (set() if p.ignore_eos else set(special.eos))
+        if banned:
+            logits = logits.index_fill(-1, torch.tensor(sorted(banned), device=logits.device), float("-inf"))
+    if must_close_thinking(seq, special):
+        forced = torch.full_like(logits, float("-inf"))
+        forced[special.think_end] = 0.0
+        logits = forced
+    if p.presence_penalty or p.frequency_penalty:
+        out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
+        logits = apply_presence_frequency(logits, out, p.presence_penalty, p.frequency_penalty)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], special: SpecialIds, decode: Callable[[int], str] | None = None
+) -> list[tuple[int, dict[int, Logprob] | None]]:
+    """Next token for each row of ``logits`` [B, V], with its logprobs entry when asked for."""
+    logits = logits.float()
+    forced = [must_close_thinking(s, special) for s in seqs]
+    plain = [_plain_greedy(s, f) for s, f in zip(seqs, forced)]
+    tokens: list[int] = [0] * len(seqs)
+    if any(plain):
+        rows = [i for i, ok in enumerate(plain) if ok]
+        picked = logits[rows].argmax(-1).tolist()
+        for i, t in zip(rows, picked):
+            tokens[i] = t
+    results: list[tuple[int, dict[int, Logprob] | None]] = []
+    for i, seq in enumerate(seqs):
+        if not plain[i]:
+            row = process_row(logits[i], seq, special)
+            seen = torch.tensor([seq.token_ids], dtype=torch.long, device=row.device)
+            tokens[i] = int(sample_next(row[None], seq.params, seen, seq.generator)[0])
+        entry = None
+        if seq.params.logprobs is not None:
+            entry = logprob_entry(logits[i], tokens[i], seq.params.logprobs, decode)
+        results.append((tokens[i], entry))
+    return results
+
+
+def logprob_entry(logits: torch.Tensor, token: int, top: int, decode: Callable[[int], str] | None) -> dict[int, Logprob]:
+    """The chosen token's logprob and rank, plus the ``top`` most likely tokens (raw distribution)."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = float(logprobs[token])
+    entry = {token: Logprob(chosen, 1 + int((logprobs > logprobs[token]).sum()), decode(token) if decode else None)}
+    if top > 0:
+        values, ids = logprobs.topk(min(top, logprobs.shape[-1]))
+        for rank, (value, tid) in enumerate(zip(values.tolist(), ids.tolist()), start=1):
+            entry.setdefault(tid, Logprob(value, rank, decode(tid) if decode else None))
+    return entry

@@ -1,0 +1,44 @@
+"""Run under torchrun (2 processes, gloo): one training step of a tensor-parallel model against the
+same step on an unsharded copy in the same process. Prints one JSON line of the largest differences."""
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from r1kit.config import ModelConfig
+from r1kit.model import R1kitForCausalLM
+from r1kit.train.parallel import apply_tp
+
+
+def main(attention: str, ffn: str, gate: str) -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
+                      attention=attention, ffn=ffn, hybrid_gate=gate, local_window=4, topk_sparsity=0.5)  # fmt: skip
+    reference = R1kitForCausalLM(cfg).train()
+    sharded = copy.deepcopy(reference)
+    apply_tp(sharded, init_device_mesh("cpu", (dist.get_world_size(),)))
+    tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for model in (reference, sharded):
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        losses.append(loss.item())
+    worst = 0.0
+    for (name, p), q in zip(reference.named_parameters(), sharded.parameters()):
+        grad = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+        worst = max(worst, (grad - p.grad).abs().max().item())
+    if dist.get_rank() == 0:
+        print(json.dumps({"loss_diff": abs(losses[0] - losses[1]), "grad_diff": worst}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
