@@ -222,6 +222,7 @@ class Trainer:
                     "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": self.state.elapsed,
                     "micro_batch_size": self.state.micro_batch_size, "grad_accum": self.state.grad_accum,
                     **({"sparsity": {str(k): round(v, 4) for k, v in sparsity.items()}} if sparsity else {}),
+                    **({"gate": gates} if (gates := self._gate_means()) else {}),
                     **({k: v for k, v in last_val.items() if k != "step"} if last_val.get("step") == self.state.step else {}),
                 }  # fmt: skip
                 self._write_metrics(record)
@@ -345,6 +346,14 @@ class Trainer:
         distributed.barrier(self.dist)
         return final
 
+    def _gate_means(self) -> dict[str, float]:
+        """Mean local-branch weight of each hybrid layer in the last forward (1 = all local)."""
+        return {
+            str(i): round(layer.self_attn.last_gate_mean, 4)
+            for i, layer in enumerate(self.model.model.layers)
+            if layer.self_attn.last_gate_mean is not None
+        }
+
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
@@ -354,8 +363,9 @@ class Trainer:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
-            for layer, value in record.get("sparsity", {}).items():
-                self.tb.add_scalar(f"sparsity/layer{layer}", value, record["step"])
+            for group in ("sparsity", "gate"):
+                for layer, value in record.get(group, {}).items():
+                    self.tb.add_scalar(f"{group}/layer{layer}", value, record["step"])
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
