@@ -198,3 +198,18 @@ def test_seed_reference_config_loads_with_the_seed_hyper_parameters():
     model, train = load_run_config("configs/seed-reference.yaml")
     assert (train.micro_batch_size, train.grad_accum, train.lr, train.warmup_steps, train.weight_decay) == (256, 4, 3e-4, 2000, 0.01)
     assert model.dropout == 0.1 and set(model.ffn) == {"topk"} and "hybrid" in model.attention
+
+
+def test_bf16_autocast_trains(shards, tmp_path):
+    t = Trainer(MODEL, make(shards, tmp_path / "bf16", precision="bf16", max_steps=3, save_every=10))
+    summary = t.run()
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(losses)) and np.isfinite(summary["val_loss"])
+    assert t.model.dtype == torch.float32  # autocast keeps float32 master weights
+
+
+def test_fp16_needs_cuda(shards, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: fp16 is allowed")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        Trainer(MODEL, make(shards, tmp_path / "fp16", precision="fp16"))

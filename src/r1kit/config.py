@@ -221,10 +221,7 @@ class ModelConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
         """Load from a YAML file; the model fields may sit at the top level or under ``model:``."""
-        raw = load_yaml(path)
-        if "model" in raw and isinstance(raw["model"], Mapping):
-            raw = raw["model"]
-        return _build(cls, raw, where=str(path))
+        return load_section(cls, path, "model")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -242,6 +239,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 T = TypeVar("T")
+
+
+def load_section(cls: type[T], path: str | Path, section: str) -> T:
+    """Build ``cls`` from a YAML file whose fields sit at the top level or under ``section:``."""
+    raw = load_yaml(path)
+    if section in raw and isinstance(raw[section], Mapping):
+        raw = raw[section]
+    return _build(cls, raw, where=str(path))
 
 
 def _build(cls: type[T], raw: Mapping[str, Any], where: str) -> T:

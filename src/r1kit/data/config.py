@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from r1kit.config import _build, load_yaml
+from r1kit.config import _build, load_section
 from r1kit.errors import ConfigError
 
 ENGINES = ("local", "dask")
@@ -130,10 +130,7 @@ class PrepareConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> PrepareConfig:
         """Load from YAML; the fields may sit at the top level or under ``prepare:``."""
-        raw = load_yaml(path)
-        if "prepare" in raw and isinstance(raw["prepare"], Mapping):
-            raw = raw["prepare"]
-        return _build(cls, raw, where=str(path))
+        return load_section(cls, path, "prepare")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -1,0 +1,166 @@
+"""The engine against the reference decoding loop: same greedy tokens for batched requests of
+different lengths, with chunked prefill, prefix-cache hits and preemption, for every attention and
+FFN kind; the streaming interface, abort, and the errors a request can get."""
+
+import pytest
+import torch
+
+from r1kit import LLM, SamplingParams
+from r1kit.errors import ConfigError
+from r1kit.infer.engine import EngineConfig, LLMEngine
+from r1kit.infer.generate import generate
+from r1kit.model import R1kitForCausalLM
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+
+
+def prompts_of(lengths, vocab=61, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def reference(model, prompts, params=GREEDY, eos_ids=()):
+    return [generate(model, p, params, eos_ids) for p in prompts]
+
+
+@pytest.mark.parametrize("attention", ["global", "local", "hybrid", ("local", "global")])
+@pytest.mark.parametrize("ffn", ["dense", "topk"])
+def test_greedy_equals_reference_with_chunks_prefix_hits_and_preemption(tiny_config, attention, ffn):
+    model = R1kitForCausalLM(tiny_config(attention=attention, ffn=ffn)).eval()
+    prompts = prompts_of([3, 9, 17, 6, 12])
+    prompts.append(prompts[2][:13] + [1, 2])  # shares 3 full blocks with the 17-token prompt
+    want = reference(model, prompts)
+    # 14 blocks of 4 tokens cannot hold six requests of up to 29 tokens: decodes must preempt
+    llm = LLM(model, block_size=4, num_kv_blocks=14, max_num_batched_tokens=10)
+    first = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in first] == want
+    assert llm.llm_engine.scheduler.num_preemptions > 0
+    second = llm.generate(prompts, GREEDY)  # the same prompts again: their prefixes are cached
+    assert [o.outputs[0].token_ids for o in second] == want
+    assert sum(o.num_cached_tokens for o in second) > 0
+    assert all(o.num_cached_tokens <= len(p) - 1 for o, p in zip(second, prompts))
+    engine = llm.llm_engine
+    engine.block_manager.check_invariants()
+    assert engine.block_manager.num_free_blocks == engine.num_blocks  # nothing leaked
+
+
+def test_one_big_prefill_batch_and_per_request_windows(tiny_config):
+    # window growth gives the 3-token and the 40-token prompt different local windows in one batch
+    cfg = tiny_config(attention=["local", "hybrid"], window_growth="proportional", window_growth_ratio=2, max_local_window=64)
+    model = R1kitForCausalLM(cfg).eval()
+    prompts = prompts_of([3, 40, 11])
+    assert cfg.window_for(3) != cfg.window_for(40)
+    llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=512)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == reference(model, prompts)
+    # a prefix cached under one window is not served to a request with another window
+    longer = [prompts[1] + prompts[1][:30]]
+    out = llm.generate(longer, GREEDY)
+    assert cfg.window_for(70) != cfg.window_for(40) and out[0].num_cached_tokens == 0
+    assert out[0].outputs[0].token_ids == reference(model, longer)[0]
+
+
+def test_eos_and_stop_ids_end_requests_like_the_reference(tiny_config):
+    model = R1kitForCausalLM(tiny_config(eos_token_id=5)).eval()
+    prompts = prompts_of([4, 7, 9], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[9])
+    want = reference(model, prompts, params, eos_ids=[5])
+    outs = LLM(model, block_size=4, num_kv_blocks=64).generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in outs] == want
+    for o in outs:
+        ids = o.outputs[0].token_ids
+        if ids[-1] == 9:
+            assert (o.outputs[0].finish_reason, o.outputs[0].stop_reason) == ("stop", 9)
+        elif ids[-1] == 5:
+            assert (o.outputs[0].finish_reason, o.outputs[0].stop_reason) == ("stop", None)
+        else:
+            assert o.outputs[0].finish_reason == "length" and len(ids) == 30
+
+
+def test_seeded_sampling_matches_reference_whatever_the_batch(tiny_config):
+    model = R1kitForCausalLM(tiny_config(attention="hybrid")).eval()
+    params = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, repetition_penalty=1.1, max_tokens=16, seed=7)
+    prompt = prompts_of([6])[0]
+    want = generate(model, prompt, params)
+    llm = LLM(model, block_size=4, num_kv_blocks=64)
+    alone = llm.generate([prompt], params)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=10)] * 3
+    crowded = llm.generate(prompts_of([5, 8, 2], seed=9) + [prompt], others + [params])[-1].outputs[0].token_ids
+    assert alone == crowded == want
+
+
+def test_bfloat16_runs_and_mostly_agrees(tiny_config):
+    model = R1kitForCausalLM(tiny_config(attention="hybrid", ffn="topk")).eval().to(torch.bfloat16)
+    prompts = prompts_of([5, 9])
+    outs = LLM(model, block_size=4, num_kv_blocks=32).generate(prompts, GREEDY)
+    want = reference(model, prompts)
+    for o, w in zip(outs, want):
+        assert len(o.outputs[0].token_ids) == 12 and o.outputs[0].token_ids[:3] == w[:3]
+
+
+def test_streaming_steps_abort_and_new_requests_joining(tiny_config):
+    model = R1kitForCausalLM(tiny_config()).eval()
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=40))
+    a, b = prompts_of([5, 7])
+    engine.add_request("a", a, SamplingParams(temperature=0, max_tokens=20))
+    engine.add_request("b", {"prompt_token_ids": b}, SamplingParams(temperature=0, max_tokens=20))
+    deltas: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    for _ in range(3):
+        for out in engine.step():
+            deltas[out.request_id] += out.outputs[0].delta_token_ids
+    assert len(deltas["a"]) == 3 and engine.block_manager.num_free_blocks < engine.num_blocks
+    assert engine.abort("b") and not engine.abort("nope")
+    engine.add_request("c", b, SamplingParams(temperature=0, max_tokens=5))  # joins mid-flight
+    finals = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.request_id != "b"
+            deltas[out.request_id] += out.outputs[0].delta_token_ids
+            if out.finished:
+                finals[out.request_id] = out.outputs[0].token_ids
+    assert deltas["a"] == finals["a"] == generate(model, a, SamplingParams(temperature=0, max_tokens=20))
+    assert deltas["c"] == finals["c"] == generate(model, b, SamplingParams(temperature=0, max_tokens=5))
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    engine.block_manager.check_invariants()
+
+
+def test_abort_frees_every_block(tiny_config):
+    model = R1kitForCausalLM(tiny_config()).eval()
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=40, enable_prefix_caching=False))
+    for i, p in enumerate(prompts_of([9, 14, 3])):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=8, n=2))
+    engine.step()
+    engine.step()
+    in_use = engine.num_blocks - engine.block_manager.num_free_blocks
+    assert in_use > 0
+    for i in range(3):
+        engine.abort(str(i))
+    assert engine.block_manager.num_free_blocks == engine.num_blocks and not engine.has_unfinished_requests()
+    assert not engine.scheduler.has_unfinished()
+    engine.block_manager.check_invariants()
+
+
+def test_requests_that_cannot_fit_are_refused_clearly(tiny_config):
+    model = R1kitForCausalLM(tiny_config(max_seq_len=64)).eval()
+    llm = LLM(model, block_size=4, num_kv_blocks=8)
+    with pytest.raises(ConfigError, match="exceeds the model's max_seq_len=64"):
+        llm.generate([[1] * 60], SamplingParams(max_tokens=10))
+    with pytest.raises(ConfigError, match="KV cache holds 32 tokens"):
+        llm.generate([[1] * 30], SamplingParams(max_tokens=10))
+    with pytest.raises(ConfigError, match="prompt is empty"):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(ConfigError, match="needs a tokenizer"):
+        llm.generate(["hello"], SamplingParams())
+    with pytest.raises(ConfigError, match="vocabulary|must be in"):
+        llm.generate([[70]], SamplingParams())
+    assert not llm.llm_engine.has_unfinished_requests()
+    with pytest.raises(ConfigError, match="hybrid_global=compressed"):
+        LLM(R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_global="compressed")))
+    with pytest.raises(ConfigError, match="unknown LLM arguments"):
+        LLM(model, blok_size=4)
+
+
+def test_memory_budget_sizes_the_pool(tiny_config):
+    model = R1kitForCausalLM(tiny_config()).eval()
+    # 2 layers × K,V × 16 tokens × 2 heads × 8 dims × 4 bytes = 4 KiB per block
+    llm = LLM(model, kv_cache_memory=10 * 4096)
+    assert llm.llm_engine.num_blocks == 10 and llm.llm_engine.runner.pool.nbytes == 10 * 4096
