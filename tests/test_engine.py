@@ -34,10 +34,12 @@ def test_greedy_equals_reference_with_chunks_prefix_hits_and_preemption(tiny_con
     llm = LLM(model, block_size=4, num_kv_blocks=14, max_num_batched_tokens=10)
     first = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in first] == want
-    assert llm.llm_engine.scheduler.num_preemptions > 0
+    # (an all-local model frees the blocks its window has left, and fits without preempting)
+    assert llm.llm_engine.scheduler.num_preemptions > 0 or attention == "local"
     second = llm.generate(prompts, GREEDY)  # the same prompts again: their prefixes are cached
     assert [o.outputs[0].token_ids for o in second] == want
-    assert sum(o.num_cached_tokens for o in second) > 0
+    # (an all-local model's prompt heads leave the window first, so the tight pool evicts them first)
+    assert sum(o.num_cached_tokens for o in second) > 0 or attention == "local"
     assert all(o.num_cached_tokens <= len(p) - 1 for o, p in zip(second, prompts))
     engine = llm.llm_engine
     engine.block_manager.check_invariants()
@@ -155,6 +157,8 @@ def test_requests_that_cannot_fit_are_refused_clearly(tiny_config):
     assert not llm.llm_engine.has_unfinished_requests()
     with pytest.raises(ConfigError, match="hybrid_global=compressed"):
         LLM(R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_global="compressed")))
+    with pytest.raises(ConfigError, match="hybrid_gate_threshold"):
+        LLM(R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_gate_threshold=0.5)))
     with pytest.raises(ConfigError, match="unknown LLM arguments"):
         LLM(model, blok_size=4)
 
@@ -164,3 +168,68 @@ def test_memory_budget_sizes_the_pool(tiny_config):
     # 2 layers × K,V × 16 tokens × 2 heads × 8 dims × 4 bytes = 4 KiB per block
     llm = LLM(model, kv_cache_memory=10 * 4096)
     assert llm.llm_engine.num_blocks == 10 and llm.llm_engine.runner.pool.nbytes == 10 * 4096
+
+
+def test_random_workload_with_arrivals_aborts_and_preemption(tiny_config):
+    """Requests arrive between steps, some are aborted, the pool is tight: no crash, no leak, and every
+    greedy request that ran to the end equals the reference."""
+    import random
+
+    rnd = random.Random(0)
+    model = R1kitForCausalLM(tiny_config(attention=["local", "hybrid"], eos_token_id=3)).eval()
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=20, max_num_batched_tokens=16, max_num_seqs=5))
+    pending = [(f"r{i}", prompts_of([rnd.randint(1, 30)], seed=i)[0]) for i in range(24)]
+    params = {}
+    finished = {}
+    aborted = set()
+    while pending or engine.has_unfinished_requests():
+        for _ in range(rnd.randint(0, 2)):
+            if pending:
+                rid, prompt = pending.pop()
+                p = SamplingParams(temperature=0, max_tokens=rnd.randint(1, 20), n=rnd.choice([1, 1, 2]))
+                if rnd.random() < 0.3:
+                    p = p.replace(temperature=0.8, seed=rnd.randint(0, 99))
+                params[rid] = (prompt, p)
+                engine.add_request(rid, prompt, p)
+        if engine.requests and rnd.random() < 0.05:
+            rid = rnd.choice(sorted(engine.requests))
+            engine.abort(rid)
+            aborted.add(rid)
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+        engine.block_manager.check_invariants()
+    assert set(finished) | aborted == set(params) and engine.scheduler.num_preemptions > 0
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    for rid, out in finished.items():
+        prompt, p = params[rid]
+        assert len(out.outputs) == p.n
+        if p.greedy:
+            want = generate(model, prompt, p, eos_ids=[3])
+            assert all(o.token_ids == want for o in out.outputs)
+
+
+def test_all_local_model_frees_blocks_its_window_has_left(tiny_config):
+    model = R1kitForCausalLM(tiny_config(attention="local", local_window=5)).eval()
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=40, max_num_batched_tokens=8))
+    prompts = prompts_of([30, 7])
+    params = SamplingParams(temperature=0, max_tokens=40)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, params)
+    most, done = 0, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        live = [s for s in engine.scheduler.running if s.num_computed_tokens > 8]
+        most = max([most] + [sum(b >= 0 for b in s.block_table) for s in live])
+    # window 5 + the next token and a chunk of up to 8 fit in at most 5 blocks of 4, out of up to 18 per sequence
+    assert 0 < most <= 5
+    assert [done["0"], done["1"]] == reference(model, prompts, params)
+    assert engine.block_manager.num_free_blocks == engine.num_blocks
+    engine.block_manager.check_invariants()
+    # and the freed blocks still serve prefix hits
+    again = LLM.__new__(LLM)
+    again.llm_engine = engine
+    out = again.generate(prompts[:1], params)[0]
+    assert out.num_cached_tokens == 28 and out.outputs[0].token_ids == done["0"]

@@ -149,3 +149,26 @@ def test_penalties_change_greedy_output_and_need_a_tokenizer_for_stop_strings(ll
 def test_bad_engine_sampling_params(bad):
     with pytest.raises(ConfigError):
         SamplingParams(**bad)
+
+
+def test_generate_cli_runs_on_the_engine_and_matches_the_reference(model_dir, capsys):
+    from r1kit.cli import main
+
+    args = ["generate", "--model", str(model_dir), "--prompt", "import sys", "--temperature", "0", "--max-new-tokens", "8",
+            "--ignore-eos", "--show-ids", "--repetition-penalty", "1.0"]
+    assert main(args) == 0
+    engine_out = capsys.readouterr().out
+    assert main(args + ["--reference"]) == 0
+    reference_out = capsys.readouterr().out
+    assert engine_out.splitlines()[-1] == reference_out.splitlines()[-1] and engine_out.startswith("import sys")
+
+
+def test_bench_cli_on_a_random_model(tmp_path, capsys):
+    from r1kit.cli import main
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("model:\n  vocab_size: 97\n  hidden_size: 32\n  num_layers: 2\n  num_heads: 4\n  intermediate_size: 48\n  attention: [local, hybrid]\n  local_window: 8\n")
+    args = ["bench", "--config", str(cfg), "--batch-sizes", "1,3", "--prompt-len", "8", "--new-tokens", "4", "--prefix-len", "64", "--reference"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "engine tok/s" in out and "batch-1 bandwidth" in out and "prefix cached (48 tokens)" in out

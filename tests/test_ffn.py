@@ -98,3 +98,18 @@ def test_controller_holds_back_unhealthy_layers_and_backs_off_on_loss_spikes(tin
     other = SparsityController(model)
     other.load_state_dict(state)
     assert other.sparsities() == ctl.sparsities()
+
+
+def test_gather_path_inside_inference_mode_and_across_modes(tiny_config):
+    """Weights made under inference_mode have no version counter; buffers must not leak across modes."""
+    cfg = tiny_config(ffn="topk", topk_sparsity=0.8)
+    with torch.inference_mode():
+        ffn = TopKFFN(cfg).eval()
+        x = torch.randn(1, 32)
+        torch.testing.assert_close(ffn.forward_gather(x), ffn.forward_masked(x), atol=1e-5, rtol=1e-5)
+    built = TopKFFN(cfg).eval()
+    x = torch.randn(1, 32)
+    with torch.inference_mode():
+        a = built.forward_gather(x)
+    with torch.no_grad():
+        torch.testing.assert_close(built.forward_gather(x), a)

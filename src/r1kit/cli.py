@@ -19,7 +19,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "init": ("r1kit.model.init_cli", "create a randomly initialised model directory from a config"),
     "train": ("r1kit.train.cli", "train a model on token shards (single process or under torchrun)"),
     "eval": ("r1kit.train.eval_cli", "evaluate a model: perplexity overall and by position"),
+    "quantize": ("r1kit.quant.cli", "quantize a model to 4-bit GPTQ (or RTN) and write a GPTQ checkpoint"),
     "generate": ("r1kit.infer.generate_cli", "generate text from a model directory (reference decoding path)"),
+    "bench": ("r1kit.infer.bench_cli", "measure the engine's throughput and latency on a model directory or config"),
 }
 
 

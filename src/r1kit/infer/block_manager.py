@@ -93,17 +93,31 @@ class BlockManager:
     def deallocate(self, seq: Sequence) -> None:
         """Release a sequence's blocks (last block first, so a prefix's tail is evicted before its head)."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                if block.hash is not None:
-                    self.cached_free[block_id] = None
-                else:
-                    self.free_ids.append(block_id)
+            if block_id >= 0:
+                self._release(block_id)
         seq.block_table.clear()
+        seq.num_freed_blocks = 0
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
+
+    def free_before(self, seq: Sequence, position: int) -> None:
+        """Release the blocks whose positions all lie before ``position`` (no layer will read them again:
+        only for models whose every layer is local). Their table entries become -1."""
+        end = min(position // self.block_size, len(seq.block_table))
+        for k in range(seq.num_freed_blocks, end):
+            self._release(seq.block_table[k])
+            seq.block_table[k] = -1
+        seq.num_freed_blocks = max(seq.num_freed_blocks, end)
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            if block.hash is not None:
+                self.cached_free[block_id] = None
+            else:
+                self.free_ids.append(block_id)
 
     def can_append(self, seq: Sequence) -> bool:
         """Whether the slots for all of ``seq``'s tokens (the new one included) can be had."""

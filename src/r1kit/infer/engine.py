@@ -73,6 +73,11 @@ class LLMEngine:
         mc = model.config
         if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_global == "compressed":
             raise ConfigError("the engine does not support hybrid_global=compressed (no batched mask path); use hybrid_global=full or r1kit's reference generate")
+        if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_gate_threshold is not None:
+            raise ConfigError(
+                "the engine does not support hybrid_gate_threshold (the batched mask path mixes both branches for every "
+                "token, so it would not compute this model); set hybrid_gate_threshold: null or use r1kit's reference generate"
+            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_seq_len
@@ -86,6 +91,7 @@ class LLMEngine:
         self.hidden_ids = self._hidden_ids()
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.all_local = all(kind == "local" for kind in mc.attention)
 
     # -- setup ---------------------------------------------------------------------------------
     def _pool_blocks(self) -> int:
@@ -183,6 +189,8 @@ class LLMEngine:
                     self._record_prompt_logprobs(seq, full[row, full.shape[1] - n :])
                 seq.num_computed_tokens += n
                 self.block_manager.register_computed(seq)
+                if self.all_local:  # the next query (position num_computed) reaches back window - 1 positions
+                    self.block_manager.free_before(seq, seq.num_computed_tokens - seq.window + 1)
                 if seq.num_uncomputed == 0:
                     done_rows.append(row)
             if not done_rows:

@@ -1,4 +1,8 @@
-"""`r1kit generate`: sample a continuation from a model directory, streaming tokens as they come."""
+"""`r1kit generate`: sample a continuation from a model directory, streaming tokens as they come.
+
+It runs on the engine (paged KV cache, the full sampler); ``--reference`` runs the slow, obviously
+correct reference loop instead (same greedy tokens).
+"""
 
 from __future__ import annotations
 
@@ -26,13 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: the checkpoint's)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--show-ids", action="store_true", help="print the generated token ids after the text")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
+    parser.add_argument("--thinking-budget", type=int, default=None, help="after this many reasoning tokens, force </think>")
+    parser.add_argument("--reference", action="store_true", help="use the reference decoding loop instead of the engine")
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1kit.data.tokenizer import EOS, load_tokenizer
-    from r1kit.infer.generate import stream_tokens
-    from r1kit.model.hf import load_model
-
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -43,6 +46,34 @@ def run(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         seed=args.seed,
     )
+    if args.reference:
+        return _run_reference(args, params)
+    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.infer.llm import LLM
+
+    params = params.replace(stop=tuple(args.stop), thinking_budget=args.thinking_budget)
+    tokenizer = load_tokenizer(args.model)
+    llm = LLM(args.model, tokenizer, dtype=DTYPES[args.dtype], device=args.device, max_num_seqs=1)
+    engine = llm.llm_engine
+    engine.add_request("cli", args.prompt, params)
+    sys.stdout.write(args.prompt)
+    generated: list[int] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            sys.stdout.write(out.outputs[0].delta_text)
+            sys.stdout.flush()
+            generated = out.outputs[0].token_ids
+    sys.stdout.write("\n")
+    if args.show_ids:
+        print(f"ids: {generated}")
+    return 0
+
+
+def _run_reference(args: argparse.Namespace, params: SamplingParams) -> int:
+    from r1kit.data.tokenizer import EOS, load_tokenizer
+    from r1kit.infer.generate import stream_tokens
+    from r1kit.model.hf import load_model
+
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     eos = model.config.eos_token_id

@@ -32,6 +32,7 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 class KVPool:
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.kinds = config.attention
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         # never read before written: padded key slots point at a written slot of the same row
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
@@ -42,8 +43,24 @@ class KVPool:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class _Layout:
+    """Which positions the gathered keys hold: row ``b`` keeps positions ``[lowest[b], contexts[b])``,
+    left-padded to a common width ``n``; ``k_pos`` is -1 on padding, ``read`` the pool slot of each column."""
+
+    def __init__(self, lowest: torch.Tensor, contexts: torch.Tensor, slots) -> None:
+        self.n = n = int((contexts - lowest).max())
+        self.k_pos = contexts[:, None] - n + torch.arange(n, device=contexts.device)[None, :]
+        valid = self.k_pos >= lowest[:, None]
+        self.k_pos = torch.where(valid, self.k_pos, -1)
+        self.read = slots(torch.where(valid, self.k_pos, contexts[:, None] - 1))
+
+
 class PagedBatch:
-    """One forward's view of the pool: row ``b`` computes ``lengths[b]`` tokens from position ``starts[b]``."""
+    """One forward's view of the pool: row ``b`` computes ``lengths[b]`` tokens from position ``starts[b]``.
+
+    Global and hybrid layers get each row's whole context; local layers only the keys their window
+    can reach (from ``starts[b] - window + 1``), so their attention costs O(m·w), not O(m·n). The
+    masks describe the keys of the latest ``update`` (the model asks for them right after it)."""
 
     def __init__(
         self,
@@ -56,36 +73,43 @@ class PagedBatch:
     ) -> None:
         self.pool = pool
         bs = pool.block_size
-        batch = len(starts)
-        m, n = max(lengths), max(s + q for s, q in zip(starts, lengths))
-        self.m, self.n = m, n
+        m = max(lengths)
+        self.m = m
         self.window = max(windows)  # the model's default; the masks use each row's own
         starts_t = torch.tensor(starts, device=device)
         lengths_t = torch.tensor(lengths, device=device)
-        contexts = starts_t + lengths_t
+        self.contexts = starts_t + lengths_t
         # query column i of row b holds position starts[b] + lengths[b] - m + i; the first m - lengths[b] are padding (-1)
         column = torch.arange(m, device=device)[None, :]
         q_valid = column >= m - lengths_t[:, None]
         self.q_pos = torch.where(q_valid, starts_t[:, None] + lengths_t[:, None] - m + column, -1)
-        # key column j of row b holds position contexts[b] - n + j (negative: padding)
-        self.k_pos = contexts[:, None] - n + torch.arange(n, device=device)[None, :]
         self.positions = self.q_pos.clamp_min(0)
         width = max(len(t) for t in block_tables)
+        # blocks freed out of every layer's window are -1: no position of theirs is ever read
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=device)
-
-        def slots(pos: torch.Tensor) -> torch.Tensor:
-            return tables.gather(1, pos // bs) * bs + pos % bs
+        self._slots = lambda pos: tables.gather(1, pos // bs) * bs + pos % bs
 
         self.all_valid = bool(q_valid.all())
         self.write_src = q_valid.flatten().nonzero().squeeze(1)  # rows of the flattened [B·m] new tokens
-        self.write_dst = slots(self.positions)[q_valid]
-        # every sequence starts at 0 and is left-padded to the same width: the new K/V are the context
+        self.write_dst = self._slots(self.positions)[q_valid]
+        # every sequence starts at 0 and is left-padded to the same width: the new K/V are the whole context
         self.fresh = all(s == 0 for s in starts)
-        # padded key columns read the row's newest slot (written, finite), and are masked out
-        self.read = slots(torch.where(self.k_pos >= 0, self.k_pos, contexts[:, None] - 1))
         self.windows = torch.tensor(windows, device=device)
-        self._masks: dict[str, torch.Tensor] = {}
-        self.batch = batch
+        local_lowest = (starts_t - self.windows + 1).clamp_min(0)
+        self._lowest = {"full": torch.zeros_like(starts_t), "local": local_lowest}
+        if not bool(local_lowest.any()):
+            self._lowest["local"] = self._lowest["full"]  # every window reaches position 0: one layout
+        self._layouts: dict[str, _Layout] = {}
+        self._masks: dict[tuple[int, str], torch.Tensor] = {}
+        self._current = "full"
+
+    def _layout(self, name: str) -> _Layout:
+        if self._lowest[name] is self._lowest["full"]:
+            name = "full"
+        layout = self._layouts.get(name)
+        if layout is None:
+            layout = self._layouts[name] = _Layout(self._lowest[name], self.contexts, self._slots)
+        return layout
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, m, dim = k.shape
@@ -94,20 +118,28 @@ class PagedBatch:
             if not self.all_valid:
                 flat = flat.index_select(0, self.write_src)
             pool.index_copy_(0, self.write_dst, flat.to(pool.dtype))
-        if self.fresh:
+        name = "local" if self.pool.kinds[layer_idx] == "local" else "full"
+        if self._lowest[name] is self._lowest["full"]:
+            name = "full"
+        self._current = name
+        if self.fresh and name == "full":
             return k, v
-        k_all = self.pool.k[layer_idx][self.read].transpose(1, 2)
-        v_all = self.pool.v[layer_idx][self.read].transpose(1, 2)
+        read = self._layout(name).read
+        k_all = self.pool.k[layer_idx][read].transpose(1, 2)
+        v_all = self.pool.v[layer_idx][read].transpose(1, 2)
         return k_all.to(k.dtype), v_all.to(v.dtype)
 
     def attention_mask(self, kind: str, window: int | None = None) -> torch.Tensor:
-        """[B, 1, m, n] boolean: which keys each query may see."""
-        mask = self._masks.get(kind)
+        """[B, 1, m, n] boolean: which keys (of the latest ``update``) each query may see."""
+        key = (self._current, kind)
+        mask = self._masks.get(key)
         if mask is None:
-            q, k = self.q_pos[:, :, None], self.k_pos[:, None, :]
+            layout = self._layout(self._current)
+            q, k = self.q_pos[:, :, None], layout.k_pos[:, None, :]
             mask = (k >= 0) & (k <= q)
             if kind == "local":
                 mask &= q - k < self.windows[:, None, None]
-            mask |= (q < 0) & (torch.arange(self.n, device=q.device) == self.n - 1)  # padded rows see one key
-            mask = self._masks[kind] = mask[:, None]
+            last = torch.arange(layout.n, device=q.device) == layout.n - 1
+            mask |= (q < 0) & last  # padded query rows see one key
+            mask = self._masks[key] = mask[:, None]
         return mask

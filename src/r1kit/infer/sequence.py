@@ -46,7 +46,8 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens the prefix cache served at first admission
         self.num_preemptions = 0
-        self.block_table: list[int] = []
+        self.block_table: list[int] = []  # -1: a block freed because no layer's window reaches it
+        self.num_freed_blocks = 0  # leading entries of block_table that are -1
         self.block_hashes: list[int] = []  # chained hashes of the leading full blocks, once computed
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

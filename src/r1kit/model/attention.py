@@ -48,8 +48,8 @@ def _window_mask(m: int, n: int, window: int, device: torch.device) -> torch.Ten
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
     """Causal sliding-window attention: each query sees itself and the ``window - 1`` keys before it.
 
-    Work grows as O(n·w): the sequence is cut into blocks of ``window`` queries, and each block
-    attends only to its own keys and the previous block's (2w keys), never to an (n, n) score matrix.
+    Work grows as O(n·w): queries are cut into blocks, and each block attends only to the keys its
+    window can reach (about w + block of them), never to an (n, n) score matrix.
     """
     m = q.shape[2]
     k, v = k[:, :, -(m + window - 1) :], v[:, :, -(m + window - 1) :]  # keys no query can see are dropped
@@ -64,24 +64,29 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
 
 
 def _blocked_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    # The first `window` queries are plain causal attention. The rest go in blocks of `block`
+    # queries, each attending to the `window + block - 1` keys that can reach it, taken as
+    # overlapping views of K/V; all blocks share one [block, span] mask. Small blocks keep the
+    # wasted (masked) work near w·block instead of the w·w a block of w queries would waste.
     batch, heads, n, dim = q.shape
     kv_heads = k.shape[1]
-    blocks = -(-n // window)
-    pad = blocks * window - n
-    # one leading block of zeros gives block 0 a "previous block"; the mask hides it
-    q = F.pad(q, (0, 0, 0, pad)).view(batch, heads, blocks, window, dim)
-    k = F.pad(k, (0, 0, window, pad)).view(batch, kv_heads, blocks + 1, window, dim)
-    v = F.pad(v, (0, 0, window, pad)).view(batch, kv_heads, blocks + 1, window, dim)
-    keys = torch.cat((k[:, :, :-1], k[:, :, 1:]), dim=3)  # [B, Hkv, blocks, 2w, D]: previous + own block
-    values = torch.cat((v[:, :, :-1], v[:, :, 1:]), dim=3)
-    i = torch.arange(window, device=q.device)[:, None]
-    j = torch.arange(2 * window, device=q.device)[None, :]
-    mask = ((j > i) & (j <= i + window)).expand(blocks, window, 2 * window).clone()
-    mask[0, :, :window] = False  # block 0 has no previous block
-    fold = lambda t: t.permute(0, 2, 1, 3, 4).reshape(batch * blocks, t.shape[1], t.shape[3], dim)  # noqa: E731
-    out = _sdpa(fold(q), fold(keys), fold(values), mask=mask.repeat(batch, 1, 1)[:, None])
-    out = out.view(batch, blocks, heads, window, dim).permute(0, 2, 1, 3, 4).reshape(batch, heads, blocks * window, dim)
-    return out[:, :, :n]
+    block = min(window, max(64, window // 16))
+    head = _sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], causal=True)
+    tail = n - window
+    blocks = -(-tail // block)
+    pad = blocks * block - tail
+    span = window + block - 1
+    qt = F.pad(q[:, :, window:], (0, 0, 0, pad)).view(batch, heads, blocks, block, dim).transpose(1, 2).reshape(batch * blocks, heads, block, dim)
+
+    def spans(t: torch.Tensor) -> torch.Tensor:  # block i's keys start at position i·block + 1
+        t = F.pad(t[:, :, 1:], (0, 0, 0, pad)).unfold(2, span, block)
+        return t.permute(0, 2, 1, 4, 3).reshape(batch * blocks, kv_heads, span, dim)
+
+    row = torch.arange(block, device=q.device)[:, None]
+    col = torch.arange(span, device=q.device)[None, :]
+    out = _sdpa(qt, spans(k), spans(v), mask=(col >= row) & (col < row + window))
+    out = out.view(batch, blocks, heads, block, dim).transpose(1, 2).reshape(batch, heads, blocks * block, dim)[:, :, :tail]
+    return torch.cat((head, out), dim=2)
 
 
 def compressed_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int) -> torch.Tensor:
@@ -214,9 +219,14 @@ class Attention(nn.Module):
                 continue
             if self.config.hybrid_global == "compressed":
                 glob = compressed_global_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], self.config.hybrid_compress_block)[:, :, rows]
-            else:
-                mask = torch.arange(n, device=q.device)[None, :] <= (rows[:, None] + (n - m))
-                glob = _sdpa(q[b : b + 1, :, rows], k[b : b + 1], v[b : b + 1], mask=mask)
+            else:  # chunks of rows, each over the keys up to its last row only: causal skipping kept
+                parts = []
+                for lo in range(0, rows.numel(), 256):
+                    chunk = rows[lo : lo + 256]
+                    last = int(chunk[-1]) + (n - m) + 1
+                    mask = torch.arange(last, device=q.device)[None, :] <= (chunk[:, None] + (n - m))
+                    parts.append(_sdpa(q[b : b + 1, :, chunk], k[b : b + 1, :, :last], v[b : b + 1, :, :last], mask=mask))
+                glob = torch.cat(parts, dim=2)
             gb = g[b : b + 1, :, rows]
             out[b : b + 1, :, rows] = gb * local[b : b + 1, :, rows] + (1 - gb) * glob
         return out

@@ -27,6 +27,11 @@ if TYPE_CHECKING:
     from r1kit.train.parallel import TensorParallelShard
 
 
+# Above this share of kept neurons, one dense read of W_up beats copying the kept rows out of it
+# (a copy reads k·d, writes k·d and reads it again); measured by benchmarks/bench_ffn_decode.py.
+DENSE_UP_ABOVE = 0.4
+
+
 def _activation(name: str):
     return F.silu if name == "swiglu" else (lambda t: F.gelu(t, approximate="tanh"))
 
@@ -68,6 +73,7 @@ class TopKFFN(DenseFFN):
         self.last_retained: torch.Tensor | None = None  # share of |activation| mass kept, for the controller
         self.tp: "TensorParallelShard | None" = None  # set by r1kit.train.parallel.apply_tp
         self._down_t: torch.Tensor | None = None
+        self._up_rows: torch.Tensor | None = None
         self._down_t_version: tuple[int, int] | None = None
 
     @property
@@ -77,6 +83,8 @@ class TopKFFN(DenseFFN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // x.shape[-1]
+        if not isinstance(self.up_proj, nn.Linear):  # quantized (int4) weights have no rows to gather
+            return self.forward_masked(x)
         if self.tp is None and not self.training and not torch.is_grad_enabled() and tokens <= self.gather_max_tokens:
             return self.forward_gather(x)
         return self.forward_masked(x)
@@ -102,29 +110,42 @@ class TopKFFN(DenseFFN):
         return self.down_proj(self.dropout(sparse))
 
     def forward_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Compute only the kept neurons: reads k rows of W_up and k rows of W_downᵀ per token."""
+        """Compute only the kept neurons: W_up's kept rows (or all of W_up at low sparsity, where
+        copying rows costs more than reading them) and k rows of W_downᵀ per token."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         down_t = self._transposed_down()
-        k = self.k
-        out = []
-        for row in x2:  # a handful of tokens: one gathered matrix-vector product each
+        k, f = self.k, self.down_proj.in_features
+        out = torch.empty_like(x2)
+        for i in range(x2.shape[0]):  # a handful of tokens: one gathered matrix-vector product each
+            row = x2[i : i + 1]  # stays 2-D: 1-D bf16 inputs take a much slower kernel
             if self.gated:
-                a = self.act(F.linear(row, self.gate_proj.weight))
-                idx = a.abs().topk(k).indices
-                h = a[idx] * F.linear(row, self.up_proj.weight.index_select(0, idx))
+                a = self.act(F.linear(row, self.gate_proj.weight))[0]
+                idx = a.abs().topk(k, sorted=False).indices
+                if k > DENSE_UP_ABOVE * f:
+                    h = a[idx] * F.linear(row, self.up_proj.weight)[0][idx]
+                else:
+                    idx = idx.sort().values  # ascending rows read W_up front to back
+                    h = a[idx] * F.linear(row, torch.index_select(self.up_proj.weight, 0, idx, out=self._row_buffer(k, x)))[0]
             else:  # GELU ranks by the hidden state itself: only W_down's reads shrink
-                a = self.act(F.linear(row, self.up_proj.weight))
-                idx = a.abs().topk(k).indices
+                a = self.act(F.linear(row, self.up_proj.weight))[0]
+                idx = a.abs().topk(k, sorted=False).indices
                 h = a[idx]
             # sum_i h_i · W_downᵀ[idx_i] in one pass over the k selected rows, without copying them
-            out.append(F.embedding_bag(idx[None], down_t, per_sample_weights=h[None], mode="sum")[0])
-        return torch.stack(out).reshape(shape)
+            out[i] = F.embedding_bag(idx[None], down_t, per_sample_weights=h[None], mode="sum")[0]
+        return out.reshape(shape)
+
+    def _row_buffer(self, k: int, like: torch.Tensor) -> torch.Tensor:
+        # Reused across steps: a fresh buffer this large is mmap'd and page-faulted on every call.
+        buf = self._up_rows
+        if buf is None or buf.shape[0] != k or buf.dtype != like.dtype or buf.device != like.device or buf.is_inference() != torch.is_inference_mode_enabled():
+            buf = self._up_rows = torch.empty(k, like.shape[-1], dtype=like.dtype, device=like.device)
+        return buf
 
     def _transposed_down(self) -> torch.Tensor:
         # A row-major W_downᵀ makes the kept neurons' weights contiguous rows; rebuilt if weights change.
         weight = self.down_proj.weight
-        version = (weight._version, weight.data_ptr())
+        version = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)  # inference tensors have no version
         if self._down_t is None or self._down_t_version != version or self._down_t.dtype != weight.dtype:
             self._down_t = weight.detach().t().contiguous()
             self._down_t_version = version

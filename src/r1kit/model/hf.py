@@ -197,6 +197,10 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
+    from r1kit.quant.checkpoint import is_gptq_checkpoint, load_quantized
+
+    if is_gptq_checkpoint(path):  # GPTQ weights load into int4 layers (r1kit.quant)
+        return load_quantized(path, dtype=dtype, device=device)
     config = load_config(path)
     state = read_safetensors(weight_files(path))
     if config.tie_embeddings:

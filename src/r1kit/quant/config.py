@@ -1,0 +1,100 @@
+"""The quantization settings and their ``quantization_config`` JSON, as GPTQ checkpoints carry them.
+
+Written to ``quantize_config.json`` and to ``config.json["quantization_config"]`` (the place
+transformers/optimum, GPTQModel and vLLM look). Reading validates every field with a message that
+names it; this module must never touch tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from r1kit.errors import CheckpointError, ConfigError
+
+FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is subtracted from each stored zero
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4
+    group_size: int = 128  # -1: one group per output channel (all input features)
+    desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
+    sym: bool = True
+    damp_percent: float = 0.01
+    block_size: int = 128  # GPTQ's lazy-update block
+    true_sequential: bool = True
+    checkpoint_format: str = "gptq"
+    method: str = "gptq"  # how the codes were found: gptq | rtn (both write the same format)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 4, 8):
+            raise ConfigError(f"bits={self.bits}: r1kit quantizes to 2, 4 or 8 bits (its int4 kernel runs 4)")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(f"group_size={self.group_size} must be positive, or -1 for one group per output channel")
+        if not 0 <= self.damp_percent < 1:
+            raise ConfigError(f"damp={self.damp_percent} must be in [0, 1) (a fraction of the mean Hessian diagonal; 0.01 is usual)")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size={self.block_size} must be positive")
+        if self.checkpoint_format not in FORMATS:
+            raise ConfigError(f"checkpoint_format={self.checkpoint_format!r}: expected one of {sorted(FORMATS)}")
+        if self.method not in ("gptq", "rtn"):
+            raise ConfigError(f"method={self.method!r}: expected 'gptq' or 'rtn'")
+
+    @property
+    def zero_offset(self) -> int:
+        return FORMATS[self.checkpoint_format]
+
+    def group_for(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def to_hf(self) -> dict[str, Any]:
+        """The ``quantization_config`` mapping (field names as AutoGPTQ/GPTQModel write them)."""
+        return {
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "damp_percent": self.damp_percent,
+            "true_sequential": self.true_sequential,
+            "static_groups": False,
+            "checkpoint_format": self.checkpoint_format,
+            "pack_dtype": "int32",
+            "meta": {"quantizer": ["r1kit"], "method": self.method},
+        }
+
+    @classmethod
+    def from_hf(cls, raw: Mapping[str, Any], where: str) -> QuantConfig:
+        """Validate a ``quantization_config`` read from a checkpoint (ours or another tool's)."""
+        if not isinstance(raw, Mapping):
+            raise CheckpointError(f"{where}: quantization_config must be a JSON object, got {type(raw).__name__}")
+        method = raw.get("quant_method", "gptq")
+        if method != "gptq":
+            raise CheckpointError(f"{where}: quant_method={method!r}; r1kit loads GPTQ checkpoints (quant_method 'gptq') only")
+        fmt = raw.get("checkpoint_format") or raw.get("format") or "gptq"
+        if raw.get("is_marlin_format") or fmt not in FORMATS:
+            raise CheckpointError(f"{where}: checkpoint_format={fmt!r} is not supported; r1kit reads {sorted(FORMATS)}")
+        bits = raw.get("bits")
+        if bits != 4:
+            raise CheckpointError(
+                f"{where}: bits={bits!r}; r1kit's int4 layers run 4-bit GPTQ checkpoints only (re-quantize with --bits 4)"
+            )
+        group_size = raw.get("group_size", 128)
+        if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
+            raise CheckpointError(f"{where}: group_size={group_size!r} must be a positive integer or -1")
+        meta = raw.get("meta") if isinstance(raw.get("meta"), Mapping) else {}
+        try:
+            return cls(
+                bits=bits,
+                group_size=group_size,
+                desc_act=bool(raw.get("desc_act", False)),
+                sym=bool(raw.get("sym", True)),
+                damp_percent=float(raw.get("damp_percent", 0.01)),
+                true_sequential=bool(raw.get("true_sequential", True)),
+                checkpoint_format=fmt,
+                method=meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq",
+            )
+        except ConfigError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None

@@ -1,0 +1,147 @@
+"""``Int4Linear``: the drop-in replacement for ``nn.Linear`` that holds a GPTQ 4-bit weight.
+
+Its state dict is the checkpoint's (``qweight``, ``qzeros``, ``scales``, ``g_idx`` [, ``bias``]), so a
+quantized model saves and loads in the GPTQ layout with no renaming. Two ways to compute:
+
+* ``kernel`` (CPU): torch's int4 kernel, ``aten._weight_int4pack_mm_for_cpu``. At first use the
+  GPTQ codes are repacked once into the kernel's layout (``_convert_weight_to_int4pack_for_cpu`` on
+  [out, in] codes) with scales and zeros as [in/g, out, 2] in the float domain, where the kernel
+  computes ``w = (q − 8)·scale + zero``; GPTQ's ``scale·(q − z)`` is that with ``zero = (8 − z)·scale``.
+  The kernel runs on bfloat16 activations (its float32 path is a slow fallback), so inputs are cast
+  to bf16 and outputs back. Act-order checkpoints (non-monotonic ``g_idx``) are handled by sorting
+  the input features by group once and gathering the activations' columns the same way.
+* ``dequant``: unpack to a float weight and ``F.linear`` (the reference; used on CUDA and wherever
+  the kernel's shape rules fail: out_features % 16, groups of 32/64/128/256 only).
+
+The module never changes the stored tensors; the kernel's copies are non-persistent buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit.quant import packing
+
+KERNEL_GROUPS = (256, 128, 64, 32)
+BACKENDS = ("auto", "kernel", "dequant")
+
+
+def cpu_kernel_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
+
+
+class Int4Linear(nn.Module):
+    """A 4-bit GPTQ linear. ``backend``: ``auto`` (kernel where it applies), ``kernel`` or ``dequant``."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
+                 bits: int = 4, zero_offset: int = 1, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if bits != 4:
+            raise ValueError(f"Int4Linear holds 4-bit weights, got bits={bits}")
+        size = in_features if group_size == -1 else group_size
+        if in_features % 8 or in_features % size:
+            raise ValueError(f"in_features={in_features} must be a multiple of 8 and of group_size={group_size}")
+        if out_features % 8:
+            raise ValueError(f"out_features={out_features} must be a multiple of 8 (8 zero points per int32)")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.zero_offset = bits, group_size, zero_offset
+        groups = in_features // size
+        self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer("g_idx", packing.default_g_idx(in_features, group_size, device=device or "cpu"))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.backend = "auto"
+        self._kernel: tuple | None = None  # (device, version key, packed weight, scales-and-zeros, input order, group)
+
+    @classmethod
+    def from_packed(cls, tensors: dict[str, torch.Tensor], in_features: int, out_features: int, group_size: int,
+                    bias: torch.Tensor | None = None, zero_offset: int = 1, dtype: torch.dtype = torch.float32) -> Int4Linear:
+        layer = cls(in_features, out_features, group_size, bias=bias is not None, zero_offset=zero_offset,
+                    dtype=dtype, device=tensors["qweight"].device)
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            getattr(layer, name).copy_(tensors[name])
+        if bias is not None:
+            layer.bias.copy_(bias)
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}, backend={self.backend}"
+
+    # -- weights ----------------------------------------------------------------------------------
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight [out, in] that the int4 codes stand for."""
+        return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype)
+
+    def kernel_applies(self, device: torch.device) -> bool:
+        return device.type == "cpu" and cpu_kernel_available() and self.out_features % 16 == 0 and self._kernel_group() is not None and self._group_order() is not None
+
+    def _kernel_group(self) -> int | None:
+        # a group of 512 is two kernel groups of 256 with the same scale: any multiple of 32 works
+        size = self.in_features if self.group_size == -1 else self.group_size
+        return next((g for g in KERNEL_GROUPS if size % g == 0), None)
+
+    def _group_order(self) -> torch.Tensor | None:
+        """Input order that makes groups contiguous: None when the groups' sizes do not allow it."""
+        size = self.in_features if self.group_size == -1 else self.group_size
+        g = self.g_idx.long()
+        if bool((g == torch.arange(self.in_features, device=g.device) // size).all()):
+            return torch.arange(0)  # already in order: no gather needed
+        counts = torch.bincount(g, minlength=self.in_features // size)
+        if bool((counts != size).any()):
+            return None
+        return torch.argsort(g, stable=True)
+
+    def _prepare_kernel(self, device: torch.device) -> tuple:
+        key = (device, self.qweight._version, self.qzeros._version, self.scales._version, self.g_idx._version)
+        if self._kernel is not None and self._kernel[0] == key:
+            return self._kernel
+        codes, zeros = packing.unpack_gptq(self.qweight, self.qzeros, self.bits, self.zero_offset)  # [in, out], [G, out]
+        order = self._group_order()
+        size = self.in_features if self.group_size == -1 else self.group_size
+        scales = self.scales.float()
+        if order.numel():
+            codes = codes[order]
+        kgroup = self._kernel_group()
+        repeat = size // kgroup
+        scales = scales.repeat_interleave(repeat, dim=0)
+        zeros = zeros.float().repeat_interleave(repeat, dim=0)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
+        scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
+        self._kernel = (key, packed, scale_zero, order if order.numel() else None, kgroup)
+        return self._kernel
+
+    # -- compute ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_kernel = self.backend == "kernel" or (self.backend == "auto" and self.kernel_applies(x.device))
+        if use_kernel:
+            return self.forward_kernel(x)
+        return self.forward_dequant(x)
+
+    def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.kernel_applies(x.device):
+            raise RuntimeError(
+                f"the CPU int4 kernel does not apply to {self.extra_repr()} on {x.device} "
+                "(it needs CPU, out_features % 16 == 0 and groups that are multiples of 32); use backend='dequant'"
+            )
+        _, packed, scale_zero, order, kgroup = self._prepare_kernel(x.device)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if order is not None:
+            x2 = x2.index_select(1, order)
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, kgroup, scale_zero)
+        out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out
+
+    def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the kernel's copies
+        self._kernel = None
+        return super()._apply(fn, recurse)
+

@@ -1,0 +1,164 @@
+"""Quantize an r1kit model: GPTQ block by block (each block's quantized outputs feed the next) or RTN.
+
+Which linears: every decoder layer's ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``.
+The embeddings, norms, ``lm_head`` and the hybrid attention gate (``self_attn.gate``, a tiny MLP
+whose sigmoid decides the branch mix) stay in float. Memory is bounded by one layer's activations
+for the calibration set (kept in place: each batch's outputs overwrite its inputs) plus one
+layer's Hessians; no full-model activations are kept.
+
+After :func:`quantize_model` the model holds the dequantized weights in its float linears (so it
+can be evaluated as is) and the returned codes are what :func:`to_int4` and the checkpoint writer
+turn into GPTQ tensors. This module must never write files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from r1kit.errors import ConfigError
+from r1kit.model.ffn import TopKFFN
+from r1kit.quant.config import QuantConfig
+from r1kit.quant.gptq import GPTQ
+from r1kit.quant.int4_linear import Int4Linear
+from r1kit.quant.rtn import QuantResult, quantize_rtn
+
+# true-sequential order: a group is quantized before the next one's inputs are collected
+SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+TARGETS = tuple(name for group in SEQUENTIAL for name in group)
+
+
+def layer_linears(layer: nn.Module, names: tuple[str, ...] = TARGETS) -> dict[str, nn.Linear]:
+    """The quantizable float linears of a decoder layer, by their names inside it."""
+    out = {}
+    for name in names:
+        try:
+            module = layer.get_submodule(name)
+        except AttributeError:
+            continue  # GELU FFNs have no gate_proj
+        if isinstance(module, nn.Linear):
+            out[name] = module
+    return out
+
+
+def check_quantizable(model: nn.Module, config: QuantConfig) -> None:
+    """Every target's in_features must split into whole groups of 8-code words; out_features into 8-zero words."""
+    for i, layer in enumerate(model.model.layers):
+        for name, linear in layer_linears(layer).items():
+            where = f"model.layers.{i}.{name}"
+            size = config.group_for(linear.in_features)
+            if linear.in_features % size:
+                raise ConfigError(
+                    f"group size {config.group_size} does not divide in_features={linear.in_features} of {where}; "
+                    f"choose a --group-size that divides it (or -1 for one group per output channel)"
+                )
+            per_word = 32 // config.bits
+            if linear.in_features % per_word or linear.out_features % per_word:
+                raise ConfigError(f"{where} is {linear.in_features}→{linear.out_features}: both must be multiples of {per_word} to pack {config.bits}-bit codes")
+
+
+@contextlib.contextmanager
+def _calibration_mode(layer: nn.Module) -> Iterator[None]:
+    """Top-K FFNs take their masked path (the gather path skips the hooked linears' forward)."""
+    saved = [(m, m.gather_max_tokens) for m in layer.modules() if isinstance(m, TopKFFN)]
+    for m, _ in saved:
+        m.gather_max_tokens = 0
+    try:
+        yield
+    finally:
+        for m, value in saved:
+            m.gather_max_tokens = value
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: torch.Tensor | None = None,
+    batch_size: int = 8,
+    progress: Callable[[Iterator], Iterator] | None = None,
+) -> dict[str, QuantResult]:
+    """Quantize ``model``'s linears in place (fake-quantized float weights); return the codes by module name.
+
+    ``calibration``: token ids [nsamples, seqlen] (GPTQ only). ``progress`` wraps the layer loop (e.g. tqdm).
+    """
+    check_quantizable(model, config)
+    model.eval()
+    wrap = progress or (lambda it: it)
+    layers = model.model.layers
+    if config.method == "rtn":
+        results = {}
+        for i in wrap(range(len(layers))):
+            for name, linear in layer_linears(layers[i]).items():
+                result = quantize_rtn(linear.weight, config)
+                linear.weight.data.copy_(result.weight(linear.weight.dtype))
+                results[f"model.layers.{i}.{name}"] = result
+        return results
+    if calibration is None or calibration.numel() == 0:
+        raise ConfigError("GPTQ needs calibration data (--calib shards or a text file)")
+    return _gptq(model, config, calibration, batch_size, wrap)
+
+
+def _gptq(model, config: QuantConfig, tokens: torch.Tensor, batch_size: int, wrap) -> dict[str, QuantResult]:
+    device = model.device
+    tokens = tokens.to(device)
+    n, seqlen = tokens.shape
+    batches = [slice(b, min(b + batch_size, n)) for b in range(0, n, batch_size)]
+    xs = torch.cat([model.model.embed_tokens(tokens[b]) for b in batches])  # [n, seqlen, d]
+    cos, sin = model.rotary(torch.arange(seqlen, device=device), xs.dtype)
+    window = model.config.window_for(seqlen)
+    results: dict[str, QuantResult] = {}
+    model.quant_errors = {}
+    groups = SEQUENTIAL if config.true_sequential else (TARGETS,)
+    for i in wrap(range(len(model.model.layers))):
+        layer = model.model.layers[i]
+        with _calibration_mode(layer):
+            for group in groups:
+                linears = layer_linears(layer, group)
+                if not linears:
+                    continue
+                solvers = {name: GPTQ(linear) for name, linear in linears.items()}
+                hooks = [
+                    linear.register_forward_hook(lambda _m, inp, _out, s=solvers[name]: s.add_batch(inp[0]))
+                    for name, linear in linears.items()
+                ]
+                try:
+                    for b in batches:
+                        layer(xs[b], cos, sin, window)
+                finally:
+                    for hook in hooks:
+                        hook.remove()
+                for name, solver in solvers.items():
+                    key = f"model.layers.{i}.{name}"
+                    results[key] = solver.quantize(config)
+                    model.quant_errors[key] = solver.error
+            for b in batches:  # the quantized layer's outputs are the next layer's inputs
+                xs[b] = layer(xs[b], cos, sin, window)
+    return results
+
+
+def to_int4(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> nn.Module:
+    """Swap the quantized float linears for :class:`Int4Linear` modules holding the packed codes."""
+    if config.bits != 4:
+        raise ConfigError(f"bits={config.bits}: only 4-bit weights run in r1kit's int4 layers (the checkpoint can still be written)")
+    for name, result in results.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        layer = Int4Linear.from_packed(
+            {k: v.to(linear.weight.device) for k, v in result.pack(config).items()},
+            linear.in_features, linear.out_features, config.group_size,
+            bias=None if linear.bias is None else linear.bias.detach(),
+            zero_offset=config.zero_offset, dtype=linear.weight.dtype,
+        )
+        setattr(parent, attr, layer)
+    model.quantization_config = config
+    return model
