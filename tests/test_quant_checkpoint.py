@@ -191,3 +191,15 @@ def test_corrupt_or_mismatched_checkpoint_gives_clear_error(quantized_dir, tmp_p
     damage(path)
     with pytest.raises(CheckpointError, match=message):
         load_model(path)
+
+
+def test_engine_serves_a_quantized_checkpoint(quantized_dir):
+    from r1kit.infer.llm import LLM
+
+    path, _ = quantized_dir
+    model = load_model(path)
+    prompts = [markov_tokens(1, n, seed=s)[0].tolist() for n, s in ((5, 11), (9, 12))]
+    llm = LLM(path, block_size=4)
+    outs = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        assert list(out.outputs[0].token_ids) == generate(model, prompt, GREEDY)

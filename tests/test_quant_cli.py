@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from r1kit.quant import Int4Linear
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_cli")
-    text = open(textwrap.__file__, encoding="utf-8").read()
+    text = Path(textwrap.__file__).read_text(encoding="utf-8")
     tok = train_tokenizer([text], vocab_size=320)
     torch.manual_seed(0)
     model = R1kitForCausalLM(tiny_config(vocab_size=tok.get_vocab_size()))
@@ -38,7 +39,7 @@ def model_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("calib,extra", [("calib.txt", []), ("shards", ["--desc-act", "true", "--sym", "false"])])
+@pytest.mark.parametrize("calib,extra", [("calib.txt", []), ("shards", ["--desc-act", "true", "--sym", "false", "--save-dtype", "bfloat16"])])
 def test_quantize_cli_end_to_end(model_dir, tmp_path, capsys, calib, extra):
     out = tmp_path / "int4"
     code = main(["quantize", "--model", str(model_dir / "fp"), "--out", str(out), "--calib", str(model_dir / calib),
@@ -52,7 +53,9 @@ def test_quantize_cli_end_to_end(model_dir, tmp_path, capsys, calib, extra):
     assert (out / "tokenizer.json").is_file() and (out / "quantize_config.json").is_file()
     model = load_model(out)
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert model.dtype == (torch.bfloat16 if "bfloat16" in extra else torch.float32)
     assert len(generate(model, [1, 2, 3], SamplingParams(temperature=0, max_tokens=8))) == 8
+    assert main(["generate", "--model", str(out), "--prompt", "def wrap(", "--max-new-tokens", "4", "--seed", "0"]) == 0
 
 
 def test_rtn_needs_no_calibration_and_errors_are_clear(model_dir, tmp_path, capsys):

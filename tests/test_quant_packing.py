@@ -130,4 +130,5 @@ def test_backends_and_fallback():
     layer.to(torch.bfloat16)
     assert layer._kernel is None
     assert layer(torch.randn(1, 128, dtype=torch.bfloat16)).dtype == torch.bfloat16 and y.dtype == torch.float32
+    assert layer.scales.dtype == torch.float16  # the checkpoint's precision survives a model cast
     assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx"}

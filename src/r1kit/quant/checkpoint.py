@@ -29,13 +29,16 @@ GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 # -- writing -------------------------------------------------------------------------------------------
-def save_quantized(model: nn.Module, path: str | Path, config: QuantConfig, results: dict[str, QuantResult] | None = None) -> None:
+def save_quantized(model: nn.Module, path: str | Path, config: QuantConfig, results: dict[str, QuantResult] | None = None,
+                   dtype: torch.dtype | None = None) -> None:
     """Write ``model`` as a GPTQ checkpoint.
 
     ``results`` (from :func:`r1kit.quant.quantizer.quantize_model`) replaces those float linears' weights
-    with packed codes; modules that already are :class:`Int4Linear` are written as they are.
+    with packed codes; modules that already are :class:`Int4Linear` are written as they are. ``dtype``
+    stores the float tensors (embeddings, norms, lm_head, biases) in another dtype (GPTQ checkpoints
+    usually hold float16); scales are always float16.
     """
-    from r1kit.model.hf import save_model
+    from r1kit.model.hf import DTYPES, save_model
 
     path = Path(path)
     state = dict(model.state_dict())
@@ -43,9 +46,15 @@ def save_quantized(model: nn.Module, path: str | Path, config: QuantConfig, resu
         state.pop(f"{name}.weight")
         for key, tensor in result.pack(config).items():
             state[f"{name}.{key}"] = tensor
-    state = {k: (v.to(torch.float16) if k.endswith(".scales") else v) for k, v in state.items()}
+    for key, tensor in state.items():
+        if key.endswith(".scales"):
+            state[key] = tensor.to(torch.float16)
+        elif dtype is not None and tensor.is_floating_point():
+            state[key] = tensor.to(dtype)
     save_model(model, path, state=state)
     raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if dtype is not None:
+        raw["torch_dtype"] = next(n for n, d in DTYPES.items() if d == dtype)
     raw["quantization_config"] = config.to_hf()
     dump_json(raw, path / "config.json")
     dump_json(config.to_hf(), path / QUANT_FILE)

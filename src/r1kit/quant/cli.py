@@ -46,11 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward pass (default 8; lower it to save memory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default 0)")
     parser.add_argument("--device", default="cpu", help="device to quantize on: cpu (default) or cuda[:N]")
+    parser.add_argument("--save-dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                        help="dtype of the tensors left in float (embeddings, norms, lm_head, biases); auto keeps the model's")
     parser.add_argument("--force", action="store_true", help="overwrite an existing model in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs stay quiet)")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from r1kit.model.hf import load_model
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     bar = (lambda it: tqdm(it, desc=f"{args.method} layers", unit="layer", file=sys.stderr)) if not args.no_progress else None
     results = quantize_model(model, config, calibration, batch_size=args.batch_size, progress=bar)
     seconds = time.perf_counter() - start
-    save_quantized(model, out, config, results)
+    save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
+    save_quantized(model, out, config, results, dtype=save_dtype)
     for name in COPIED:
         if (Path(args.model) / name).is_file():
             shutil.copyfile(Path(args.model) / name, out / name)

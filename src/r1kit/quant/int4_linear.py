@@ -13,7 +13,7 @@ quantized model saves and loads in the GPTQ layout with no renaming. Two ways to
 * ``dequant``: unpack to a float weight and ``F.linear`` (the reference; used on CUDA and wherever
   the kernel's shape rules fail: out_features % 16, groups of 32/64/128/256 only).
 
-The module never changes the stored tensors; the kernel's copies are non-persistent buffers.
+The module never changes the stored tensors; the kernel's copies live outside the state dict.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("g_idx", packing.default_g_idx(in_features, group_size, device=device or "cpu"))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self.backend = "auto"
-        self._kernel: tuple | None = None  # (device, version key, packed weight, scales-and-zeros, input order, group)
+        self._kernel: tuple | None = None  # (device and weights version, kernel state or None)
 
     @classmethod
     def from_packed(cls, tensors: dict[str, torch.Tensor], in_features: int, out_features: int, group_size: int,
@@ -77,7 +77,7 @@ class Int4Linear(nn.Module):
         return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype)
 
     def kernel_applies(self, device: torch.device) -> bool:
-        return device.type == "cpu" and cpu_kernel_available() and self.out_features % 16 == 0 and self._kernel_group() is not None and self._group_order() is not None
+        return self._kernel_state(device) is not None
 
     def _kernel_group(self) -> int | None:
         # a group of 512 is two kernel groups of 256 with the same scale: any multiple of 32 works
@@ -85,39 +85,46 @@ class Int4Linear(nn.Module):
         return next((g for g in KERNEL_GROUPS if size % g == 0), None)
 
     def _group_order(self) -> torch.Tensor | None:
-        """Input order that makes groups contiguous: None when the groups' sizes do not allow it."""
+        """Input order that makes groups contiguous: empty when already so, None when group sizes forbid it."""
         size = self.in_features if self.group_size == -1 else self.group_size
         g = self.g_idx.long()
         if bool((g == torch.arange(self.in_features, device=g.device) // size).all()):
-            return torch.arange(0)  # already in order: no gather needed
+            return torch.arange(0)
         counts = torch.bincount(g, minlength=self.in_features // size)
         if bool((counts != size).any()):
             return None
         return torch.argsort(g, stable=True)
 
-    def _prepare_kernel(self, device: torch.device) -> tuple:
+    def _kernel_state(self, device: torch.device) -> tuple | None:
+        """(packed weight, scales-and-zeros, input order or None, kernel group), built once per device and
+        weights version; None where the kernel does not apply (not CPU, out_features % 16, group sizes)."""
         key = (device, self.qweight._version, self.qzeros._version, self.scales._version, self.g_idx._version)
         if self._kernel is not None and self._kernel[0] == key:
-            return self._kernel
-        codes, zeros = packing.unpack_gptq(self.qweight, self.qzeros, self.bits, self.zero_offset)  # [in, out], [G, out]
+            return self._kernel[1]
+        self._kernel = (key, self._build_kernel_state(device))
+        return self._kernel[1]
+
+    def _build_kernel_state(self, device: torch.device) -> tuple | None:
+        kgroup = self._kernel_group()
+        if device.type != "cpu" or not cpu_kernel_available() or self.out_features % 16 or kgroup is None:
+            return None
         order = self._group_order()
-        size = self.in_features if self.group_size == -1 else self.group_size
-        scales = self.scales.float()
+        if order is None:
+            return None
+        codes, zeros = packing.unpack_gptq(self.qweight, self.qzeros, self.bits, self.zero_offset)  # [in, out], [G, out]
         if order.numel():
             codes = codes[order]
-        kgroup = self._kernel_group()
+        size = self.in_features if self.group_size == -1 else self.group_size
         repeat = size // kgroup
-        scales = scales.repeat_interleave(repeat, dim=0)
+        scales = self.scales.float().repeat_interleave(repeat, dim=0)
         zeros = zeros.float().repeat_interleave(repeat, dim=0)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
         scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
-        self._kernel = (key, packed, scale_zero, order if order.numel() else None, kgroup)
-        return self._kernel
+        return packed, scale_zero, order if order.numel() else None, kgroup
 
     # -- compute ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_kernel = self.backend == "kernel" or (self.backend == "auto" and self.kernel_applies(x.device))
-        if use_kernel:
+        if self.backend == "kernel" or (self.backend == "auto" and self.kernel_applies(x.device)):
             return self.forward_kernel(x)
         return self.forward_dequant(x)
 
@@ -125,12 +132,13 @@ class Int4Linear(nn.Module):
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.kernel_applies(x.device):
+        state = self._kernel_state(x.device)
+        if state is None:
             raise RuntimeError(
                 f"the CPU int4 kernel does not apply to {self.extra_repr()} on {x.device} "
                 "(it needs CPU, out_features % 16 == 0 and groups that are multiples of 32); use backend='dequant'"
             )
-        _, packed, scale_zero, order, kgroup = self._prepare_kernel(x.device)
+        packed, scale_zero, order, kgroup = state
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if order is not None:
@@ -141,7 +149,12 @@ class Int4Linear(nn.Module):
             out = out + self.bias.to(x.dtype)
         return out
 
-    def _apply(self, fn, recurse=True):  # a device or dtype move invalidates the kernel's copies
+    def _apply(self, fn, recurse=True):
+        # A device or dtype move invalidates the kernel's copies; scales stay float16 (the checkpoint's
+        # precision) whatever dtype the model is cast to, so .to(bfloat16) loses nothing.
         self._kernel = None
-        return super()._apply(fn, recurse)
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = self.scales.to(torch.float16)
+        return self
 

@@ -65,21 +65,16 @@ class QuantResult:
 
 
 def quantize_rtn(weight: torch.Tensor, config: QuantConfig) -> QuantResult:
-    """Round every weight to the nearest point of its group's grid."""
+    """Round every weight to the nearest point of its group's grid (all groups at once)."""
     out_features, in_features = weight.shape
     size = config.group_for(in_features)
-    w = weight.detach().float()
-    groups = -(-in_features // size)
-    scales, zeros, codes = [], [], []
-    for g in range(groups):
-        block = w[:, g * size : (g + 1) * size]
-        scale, zero = grid_params(block, config.bits, config.sym)
-        codes.append(to_codes(block, scale[:, None], zero[:, None], config.bits))
-        scales.append(scale)
-        zeros.append(zero)
+    groups = in_features // size
+    w = weight.detach().float().reshape(out_features * groups, size)  # one row per (output, group)
+    scale, zero = grid_params(w, config.bits, config.sym)
+    codes = to_codes(w, scale[:, None], zero[:, None], config.bits)
     return QuantResult(
-        codes=torch.cat(codes, dim=1).to(torch.int32),
-        scales=torch.stack(scales),
-        zeros=torch.stack(zeros).to(torch.int32),
+        codes=codes.reshape(out_features, in_features).to(torch.int32),
+        scales=scale.reshape(out_features, groups).t().contiguous(),
+        zeros=zero.reshape(out_features, groups).t().contiguous().to(torch.int32),
         g_idx=default_g_idx(in_features, size, device=weight.device),
     )

@@ -1,0 +1,273 @@
+"""Benchmark: 4-bit GPTQ vs RTN vs fp32 — perplexity, size on disk, quantization time, decode speed (issue 7).
+
+Two models, both built here (no download):
+
+* **quality**: an r1kit model trained briefly (plain AdamW) on the embedded corpus — the standard
+  library's ``.py`` sources — with a byte-level BPE trained on the same text. Files are split into
+  train and held-out by a hash of their path. It reports held-out perplexity for fp32, RTN 4-bit and
+  GPTQ 4-bit (same group size), the quantization time of each, and the checkpoint size on disk.
+* **speed**: a randomly initialised Qwen2-architecture model (~90M parameters by default: hidden 768,
+  12 layers, GQA 12/4 heads, SwiGLU 2048, q/k/v bias). Weights do not change decode speed, so it is
+  RTN-quantized. It reports greedy decode tokens/s (``r1kit.infer.generate``, batch 1) for fp32,
+  bf16, the int4 CPU kernel, the int4 dequantize-then-matmul path, and int4 linears with the rest of
+  the model (lm_head, activations) in bf16, in the same run, with ratios, and
+  as gpt-fast does, the achieved weight-read bandwidth (bytes of weights per token × tokens/s).
+
+Sizes: the seed's "12.5%" is 4/32 bits, relative to fp32 *linear weights*; fp16 group scales,
+packed zeros and g_idx add to it, and the embeddings and ``lm_head`` stay float. Both the
+linear-only ratio and the whole-checkpoint ratio are printed.
+
+Usage: python benchmarks/bench_quant.py [--steps 300] [--nsamples 128] [--group-sizes 128,-1] [--threads 1,2]
+       [--speed-hidden 768 --speed-layers 12 --decode-tokens 32] [--skip-quality] [--skip-speed]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import math
+import platform
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from r1kit.config import ModelConfig
+from r1kit.data.tokenizer import train_tokenizer
+from r1kit.infer.generate import generate
+from r1kit.infer.sampling import SamplingParams
+from r1kit.model.hf import load_model
+from r1kit.model.transformer import R1kitForCausalLM
+from r1kit.quant import Int4Linear, QuantConfig, quantize_model, save_quantized, to_int4
+
+
+# -- data --------------------------------------------------------------------------------------------
+def corpus(max_bytes: int) -> tuple[list[str], list[str]]:
+    """(train, held-out) texts from the stdlib sources, split 9:1 by a hash of the path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    train, val, total = [], [], 0
+    for file in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if "test" in file.parts[-2:][0] or file.name.startswith("test"):
+            continue
+        text = file.read_text(encoding="utf-8", errors="replace")
+        bucket = val if hashlib.blake2b(str(file.relative_to(root)).encode(), digest_size=2).digest()[0] < 26 else train
+        bucket.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return train, val
+
+
+def windows(ids: torch.Tensor, seqlen: int) -> torch.Tensor:
+    n = (ids.numel() - 1) // seqlen
+    return ids[: n * seqlen + 1].unfold(0, seqlen + 1, seqlen)  # [n, seqlen + 1], one token of overlap
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch: int = 16) -> float:
+    total, count = 0.0, 0
+    for b in range(0, blocks.shape[0], batch):
+        x = blocks[b : b + batch]
+        logits = model(x[:, :-1]).float()
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"))
+        count += x[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def train(model, blocks: torch.Tensor, steps: int, batch: int, lr: float) -> float:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(steps):
+        for group in opt.param_groups:  # warm-up, then cosine to 10%
+            warm = min(1.0, (step + 1) / 20)
+            group["lr"] = lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        x = blocks[torch.randint(0, blocks.shape[0], (batch,), generator=g)]
+        logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return float(loss.detach())
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def linear_bytes(model) -> tuple[int, int]:
+    """(fp32 bytes of the quantizable linears' weights, bytes of their GPTQ tensors incl. scales/zeros/g_idx)."""
+    fp, q = 0, 0
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            fp += m.in_features * m.out_features * 4
+            q += sum(t.numel() * t.element_size() for t in (m.qweight, m.qzeros, m.scales.half(), m.g_idx))
+    return fp, q
+
+
+# -- quality -------------------------------------------------------------------------------------------
+def bench_quality(args) -> None:
+    torch.set_num_threads(args.threads[0])
+    t0 = time.perf_counter()
+    train_texts, val_texts = corpus(args.corpus_bytes)
+    tok = train_tokenizer(train_texts, vocab_size=args.vocab)
+    enc = lambda texts: torch.tensor([i for t in texts for i in tok.encode(t).ids])
+    train_ids, val_ids = enc(train_texts), enc(val_texts)
+    train_blocks, val_blocks = windows(train_ids, args.seqlen), windows(val_ids, args.seqlen)[: args.eval_blocks]
+    config = ModelConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
+        num_kv_heads=max(1, args.hidden // 128), intermediate_size=args.hidden * 3, max_seq_len=args.seqlen,
+    )
+    torch.manual_seed(0)
+    model = R1kitForCausalLM(config)
+    print(f"quality model: {config.num_parameters() / 1e6:.2f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab "
+          f"{config.vocab_size}); corpus {train_ids.numel()} train / {val_ids.numel()} held-out tokens ({time.perf_counter() - t0:.0f}s to prepare)")
+    t0 = time.perf_counter()
+    last = train(model, train_blocks, args.steps, args.batch, args.lr)
+    model.eval()
+    print(f"trained {args.steps} steps × {args.batch} × {args.seqlen} tokens in {time.perf_counter() - t0:.0f}s (last loss {last:.3f})")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = train_blocks[torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(1))[: args.nsamples], :-1]
+    rows = [("fp32", perplexity(model, val_blocks), 0.0, None)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "fp32")
+        fp_size = dir_bytes(Path(tmp) / "fp32")
+        for group_size in args.group_sizes:
+            for method in ("rtn", "gptq"):
+                m = R1kitForCausalLM(config).eval()
+                m.load_state_dict(state)
+                qc = QuantConfig(group_size=group_size, method=method, desc_act=args.desc_act)
+                t0 = time.perf_counter()
+                results = quantize_model(m, qc, calib if method == "gptq" else None, batch_size=8)
+                seconds = time.perf_counter() - t0
+                out = Path(tmp) / f"{method}{group_size}"
+                save_quantized(m, out, qc, results)
+                loaded = load_model(out)  # perplexity through the int4 layers, as served
+                name = f"{method} 4-bit " + (f"g{group_size}" if group_size != -1 else "per-channel")
+                rows.append((name, perplexity(loaded, val_blocks), seconds, dir_bytes(out)))
+                if group_size == args.group_sizes[0]:
+                    lin_fp, lin_q = linear_bytes(loaded)
+    base = rows[0][1]
+    print(f"\nheld-out perplexity ({val_blocks.shape[0]} × {args.seqlen} tokens); GPTQ calibration {calib.shape[0]} × {calib.shape[1]} tokens")
+    print(f"{'model':<24}{'perplexity':>12}{'vs fp32':>10}{'quant time':>12}{'size on disk':>16}{'vs fp32':>9}")
+    for name, ppl, seconds, size in rows:
+        size = size or fp_size
+        print(f"{name:<24}{ppl:>12.3f}{100 * (ppl / base - 1):>+9.2f}%{seconds:>11.1f}s{size / 2**20:>13.2f} MiB{100 * size / fp_size:>8.1f}%")
+    print(f"quantized linears alone (g{args.group_sizes[0]}): {lin_q / 2**20:.2f} MiB vs {lin_fp / 2**20:.2f} MiB fp32 = {100 * lin_q / lin_fp:.2f}% "
+          f"(4/32 = 12.5% + scales/zeros/g_idx); embeddings and lm_head stay fp32")
+
+
+# -- speed ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def decode_rate(model, prompt: list[int], tokens: int, repeats: int) -> float:
+    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    generate(model, prompt, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up (int4 repack)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate(model, prompt, params)
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if "rotary" in name or t.data_ptr() in seen or name.endswith("embed_tokens.weight"):
+            continue  # an embedding row read per token is negligible
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def bench_speed(args) -> None:
+    config = ModelConfig(
+        vocab_size=args.speed_vocab, hidden_size=args.speed_hidden, num_layers=args.speed_layers, num_heads=args.speed_hidden // 64,
+        num_kv_heads=args.speed_hidden // 192, intermediate_size=args.speed_ffn, qkv_bias=True, max_seq_len=1024,
+    )
+    torch.manual_seed(0)
+    fp32 = R1kitForCausalLM(config).eval()
+    print(f"\nspeed model: Qwen2 architecture, random weights, {config.num_parameters() / 1e6:.1f}M parameters "
+          f"(hidden {config.hidden_size}, {config.num_layers} layers, ffn {config.intermediate_size}, vocab {config.vocab_size})")
+    state = fp32.state_dict()
+    int4 = R1kitForCausalLM(config).eval()
+    int4.load_state_dict(state)
+    qc = QuantConfig(group_size=args.group_size, method="rtn")
+    t0 = time.perf_counter()
+    to_int4(int4, quantize_model(int4, qc), qc)
+    rtn_seconds = time.perf_counter() - t0
+    bf16 = R1kitForCausalLM(config).eval()
+    bf16.load_state_dict(state)
+    bf16 = bf16.to(torch.bfloat16)
+    int4_bf16 = copy.deepcopy(int4).to(torch.bfloat16)  # int4 linears, everything else (and activations) bf16
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32.save_pretrained(Path(tmp) / "fp32")
+        save_quantized(int4, Path(tmp) / "int4", qc)
+        save_quantized(int4, Path(tmp) / "int4-fp16", qc, dtype=torch.float16)
+        fp_size, q_size, q16_size = (dir_bytes(Path(tmp) / n) for n in ("fp32", "int4", "int4-fp16"))
+    lin_fp, lin_q = linear_bytes(int4)
+    print(f"RTN quantization {rtn_seconds:.1f}s; checkpoint {q_size / 2**20:.1f} MiB vs {fp_size / 2**20:.1f} MiB fp32 = {100 * q_size / fp_size:.1f}% "
+          f"with fp32 embeddings/lm_head, {q16_size / 2**20:.1f} MiB = {100 * q16_size / fp_size:.1f}% with them in fp16 (--save-dtype float16); "
+          f"linears alone {100 * lin_q / lin_fp:.2f}%")
+    prompt = list(range(1, args.prompt_tokens + 1))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        variants = [("fp32", fp32, None), ("bf16", bf16, None), ("int4 kernel", int4, "auto"), ("int4 dequant", int4, "dequant"),
+                    ("int4 + bf16 rest", int4_bf16, "auto")]
+        rates = {}
+        for name, model, backend in variants:
+            for m in model.modules():
+                if isinstance(m, Int4Linear) and backend:
+                    m.backend = backend
+            rates[name] = (decode_rate(model, prompt, args.decode_tokens, args.repeats), weight_bytes(model))
+        print(f"\ndecode, batch 1, greedy, {args.prompt_tokens}-token prompt + {args.decode_tokens} tokens, best of {args.repeats}, "
+              f"{threads} thread(s)")
+        print(f"{'weights':<18}{'tokens/s':>10}{'vs fp32':>9}{'MiB/token':>11}{'GB/s':>8}")
+        for name, (rate, nbytes) in rates.items():
+            print(f"{name:<18}{rate:>10.1f}{rate / rates['fp32'][0]:>8.2f}×{nbytes / 2**20:>11.1f}{rate * nbytes / 1e9:>8.1f}")
+        print(f"int4 kernel vs dequantize path: {rates['int4 kernel'][0] / rates['int4 dequant'][0]:.2f}×")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus-bytes", type=int, default=3_000_000, help="stdlib source bytes to read (train + held-out)")
+    p.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the quality model")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size of the quality model")
+    p.add_argument("--layers", type=int, default=4, help="layers of the quality model")
+    p.add_argument("--seqlen", type=int, default=128, help="training / evaluation / calibration sequence length")
+    p.add_argument("--steps", type=int, default=300, help="training steps of the quality model")
+    p.add_argument("--batch", type=int, default=16, help="training batch (sequences)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--eval-blocks", type=int, default=256, help="held-out sequences for perplexity")
+    p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration samples")
+    p.add_argument("--group-size", type=int, default=128, help="group size of the speed model")
+    p.add_argument("--group-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[128, -1],
+                   help="group sizes of the quality comparison (default 128,-1: -1 is per output channel)")
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    p.add_argument("--speed-hidden", type=int, default=768)
+    p.add_argument("--speed-layers", type=int, default=12)
+    p.add_argument("--speed-ffn", type=int, default=2048)
+    p.add_argument("--speed-vocab", type=int, default=8192)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=lambda s: [int(x) for x in s.split(",")], default=[torch.get_num_threads()],
+                   help="comma-separated thread counts to time decoding at (default: torch's); the first also trains and quantizes")
+    p.add_argument("--skip-quality", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    args = p.parse_args()
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if not args.skip_quality:
+        bench_quality(args)
+    if not args.skip_speed:
+        bench_speed(args)
+
+
+if __name__ == "__main__":
+    main()
