@@ -13,6 +13,15 @@ from r1kit.infer.sampling import apply_logit_bias, apply_presence_frequency
 from r1kit.model import R1kitForCausalLM
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs stall for milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_presence_and_frequency_penalties_hit_the_right_tokens():
     logits = torch.randn(10)
     out_ids = [3, 3, 7, 3, 1]
@@ -117,6 +126,15 @@ def test_n_completions_with_a_seed_are_distinct_and_reproducible(llm):
     ids = [o.token_ids for o in a.outputs]
     assert [o.index for o in a.outputs] == [0, 1, 2] and ids == [o.token_ids for o in b.outputs]
     assert len({tuple(i) for i in ids}) == 3
+    # the other completions reuse the first one's prompt blocks: each computes only the last token
+    engine = llm.llm_engine
+    computed, run = [], engine.runner.run
+    engine.runner.run = lambda items: computed.append(sum(n for s, n in items if s.num_computed_tokens < 21)) or run(items)
+    try:
+        shared = llm.generate([list(range(10, 31))], params.replace(seed=6))[0]
+    finally:
+        engine.runner.run = run
+    assert sum(computed) == 21 + 1 + 1 and len({tuple(o.token_ids) for o in shared.outputs}) == 3
     # the first child draws as an n=1 request with the same seed
     assert llm.generate([[4, 5, 6]], params.replace(n=1))[0].outputs[0].token_ids == ids[0]
 

@@ -105,3 +105,16 @@ def test_init_and_generate_through_the_cli(tmp_path):
     assert again.returncode == 2 and "already holds a model; pass --force" in again.stderr
     bad = run("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
     assert bad.returncode == 2 and "no tokenizer at" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [dict(temperature=1e-300), dict(temperature=1e-4), dict(repetition_penalty=1e-300), dict(repetition_penalty=1e300), dict(top_p=1e-300), dict(min_p=1.0)],
+)
+def test_extreme_sampling_values_still_sample(extreme):
+    """Found by fuzzing the server: overflowing logits must not reach torch.multinomial as inf/NaN."""
+    from r1kit.infer.sampling import sample_next
+
+    logits = torch.randn(3, 50)
+    tokens = sample_next(logits, SamplingParams(**extreme), torch.tensor([[1, 2]] * 3), torch.Generator().manual_seed(0))
+    assert tokens.shape == (3,) and ((0 <= tokens) & (tokens < 50)).all()

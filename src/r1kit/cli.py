@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("r1kit.train.cli", "train a model on token shards (single process or under torchrun)"),
     "eval": ("r1kit.train.eval_cli", "evaluate a model: perplexity overall and by position"),
     "quantize": ("r1kit.quant.cli", "quantize a model to 4-bit GPTQ (or RTN) and write a GPTQ checkpoint"),
+    "serve": ("r1kit.serve.cli", "serve a model over an OpenAI-compatible HTTP API (health, metrics, streaming)"),
     "generate": ("r1kit.infer.generate_cli", "generate text from a model directory (reference decoding path)"),
     "bench": ("r1kit.infer.bench_cli", "measure the engine's throughput and latency on a model directory or config"),
 }

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,12 +21,11 @@ from r1kit.infer.block_manager import BlockManager
 from r1kit.infer.model_runner import ModelRunner
 from r1kit.infer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1kit.infer.paged_cache import bytes_per_block
-from r1kit.infer.sampler import SpecialIds, sample
+from r1kit.infer.processor import Processor, Prompt
+from r1kit.infer.sampler import sample
 from r1kit.infer.sampling import SamplingParams
 from r1kit.infer.scheduler import Scheduler
 from r1kit.infer.sequence import Sequence
-
-Prompt = str | list[int] | dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -57,6 +55,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
+    pending: list[Sequence] = field(default_factory=list)  # completions not yet handed to the scheduler
 
 
 def free_memory(device: torch.device) -> int:
@@ -87,8 +86,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.num_blocks, config.block_size)
-        self.special = self._special_ids(think_token_ids)
-        self.hidden_ids = self._hidden_ids()
+        self.processor = Processor(mc, tokenizer, self.max_model_len, self.num_blocks * config.block_size, config.block_size, think_token_ids)
+        self.special, self.hidden_ids = self.processor.special, self.processor.hidden_ids
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.all_local = all(kind == "local" for kind in mc.attention)
@@ -107,37 +106,16 @@ class LLMEngine:
             raise ConfigError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise kv_cache_memory")
         return int(blocks)
 
-    def _special_ids(self, think_token_ids: tuple[int, int] | None) -> SpecialIds:
-        from r1kit.data.tokenizer import EOS, END_THINK, THINK
-
-        eos = self.model.config.eos_token_id
-        eos_ids = set(eos) if isinstance(eos, tuple) else ({eos} if eos is not None else set())
-        tok = self.tokenizer
-        if not eos_ids and tok is not None and tok.token_to_id(EOS) is not None:
-            eos_ids = {tok.token_to_id(EOS)}
-        start, end = think_token_ids or (None, None)
-        if think_token_ids is None and tok is not None:
-            start, end = tok.token_to_id(THINK), tok.token_to_id(END_THINK)
-        return SpecialIds(frozenset(eos_ids), start, end)
-
-    def _hidden_ids(self) -> frozenset[int]:
-        """Special tokens left out of the text (``<think>``/``</think>`` stay: the reasoning parser needs them)."""
-        if self.tokenizer is None:
-            return frozenset()
-        keep = {self.special.think_start, self.special.think_end}
-        added = self.tokenizer.get_added_tokens_decoder()
-        return frozenset(i for i, t in added.items() if t.special and i not in keep)
-
     # -- the streaming interface ---------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
-        text, ids = self._tokenize(prompt)
-        self._validate(ids, params)
+        text, ids = self.processor.tokenize(prompt)
+        self.processor.validate(ids, params)
         window = self.model.config.window_for(len(ids))
-        in_reasoning = self._opens_reasoning(ids)
+        in_reasoning = self.processor.opens_reasoning(ids)
         seqs = []
         for i in range(params.n):
             generator = None
@@ -146,8 +124,11 @@ class LLMEngine:
             seqs.append(Sequence(request_id, i, ids, params, window, generator, in_reasoning))
         request = Request(request_id, text, list(ids), params, seqs, RequestMetrics(arrival_time or time.time()))
         self.requests[request_id] = request
-        for seq in seqs:
+        # with n > 1 and prefix caching, the other completions wait for the first one's prefill, then hit its blocks
+        share = self.config.enable_prefix_caching and params.prompt_logprobs is None
+        for seq in seqs if not share else seqs[:1]:
             self.scheduler.add(seq)
+        request.pending = [] if not share else seqs[1:]
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -193,10 +174,13 @@ class LLMEngine:
                     self.block_manager.free_before(seq, seq.num_computed_tokens - seq.window + 1)
                 if seq.num_uncomputed == 0:
                     done_rows.append(row)
+                    request = self.requests[seq.request_id]
+                    while request.pending:  # the prompt's blocks are registered: siblings now hit them
+                        self.scheduler.add(request.pending.pop(0))
             if not done_rows:
                 continue
             seqs = [group[r][0] for r in done_rows]
-            results = sample(last[done_rows], seqs, self.special, self._decode_one if self.tokenizer else None)
+            results = sample(last[done_rows], seqs, self.special, self.processor.decode_one if self.tokenizer else None)
             for seq, (token, entry) in zip(seqs, results):
                 self._append(seq, token, entry)
                 moved[seq.request_id] = self.requests[seq.request_id]
@@ -220,13 +204,13 @@ class LLMEngine:
         checked = len(seq.text)  # the text before this token held no stop string
         if self.tokenizer is not None and not (p.skip_special_tokens and token in self.hidden_ids):
             seq.visible_ids.append(token)
-            seq.text += self._detokenize(seq)
+            seq.text += self.processor.detokenize(seq)
         reason, stop = None, None
         if token in p.stop_token_ids:
             reason, stop = "stop", token
         elif not p.ignore_eos and token in self.special.eos:
             reason = "stop"
-        elif p.stop and seq.num_output_tokens >= p.min_tokens and (cut := self._find_stop(seq, checked)) is not None:
+        elif p.stop and seq.num_output_tokens >= p.min_tokens and (cut := self.processor.find_stop(seq, checked)) is not None:
             reason, (stop, seq.text) = "stop", cut
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
@@ -237,29 +221,6 @@ class LLMEngine:
         seq.finish_reason, seq.stop_reason = reason, stop
         self.scheduler.finish(seq)
 
-    def _detokenize(self, seq: Sequence) -> str:
-        """New text from the newest visible id; waits while the bytes end mid-character."""
-        ids, decode = seq.visible_ids, self.tokenizer.decode
-        prefix = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=False)
-        new = decode(ids[seq.prefix_offset :], skip_special_tokens=False)
-        if len(new) > len(prefix) and not new.endswith("\ufffd"):
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            return new[len(prefix) :]
-        return ""
-
-    def _decode_one(self, token: int) -> str:
-        return self.tokenizer.decode([token], skip_special_tokens=False)
-
-    @staticmethod
-    def _find_stop(seq: Sequence, checked: int) -> tuple[str, str] | None:
-        """(the stop string, the text cut at it) when one ends in the text after ``checked``."""
-        start = max(0, checked - max(len(s) for s in seq.params.stop) + 1)
-        found = [(i, s) for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
-        if not found:
-            return None
-        i, s = min(found)
-        return s, seq.text[: i + (len(s) if seq.params.include_stop_str_in_output else 0)]
-
     def _record_prompt_logprobs(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Logits of a chunk's positions predict the next prompt tokens; keep those not yet recorded."""
         from r1kit.infer.sampler import logprob_entry
@@ -268,7 +229,7 @@ class LLMEngine:
         for i in range(logits.shape[0]):
             target = start + i + 1
             if target == len(seq.prompt_logprobs) and target < seq.num_prompt_tokens:
-                decode = self._decode_one if self.tokenizer else None
+                decode = self.processor.decode_one if self.tokenizer else None
                 seq.prompt_logprobs.append(logprob_entry(logits[i], seq.token_ids[target], seq.params.prompt_logprobs, decode))
 
     def _output(self, request: Request) -> RequestOutput:
@@ -284,7 +245,7 @@ class LLMEngine:
                     text=seq.text[:shown] if not finished else seq.text,
                     token_ids=ids,
                     cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
-                    logprobs=seq.logprobs,
+                    logprobs=None if seq.logprobs is None else list(seq.logprobs),  # a snapshot: the engine keeps appending
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                     delta_text=seq.text[seq.emitted_chars : shown],
@@ -304,51 +265,6 @@ class LLMEngine:
             outputs=outs,
             finished=finished,
             num_cached_tokens=first.num_cached_tokens,
-            prompt_logprobs=first.prompt_logprobs,
+            prompt_logprobs=None if first.prompt_logprobs is None else list(first.prompt_logprobs),
             metrics=request.metrics,
         )
-
-    # -- validation -----------------------------------------------------------------------------
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ConfigError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ConfigError("a text prompt needs a tokenizer: load the LLM from a model directory with tokenizer.json, or pass token ids")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        return None, [int(t) for t in prompt]
-
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        vocab = self.model.config.vocab_size
-        if not ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ConfigError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
-        total = len(ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ConfigError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
-                f"max_seq_len={self.max_model_len}; shorten the prompt or lower max_tokens"
-            )
-        capacity = self.num_blocks * self.config.block_size
-        if self.block_manager.blocks_for(total) > self.num_blocks:
-            raise ConfigError(f"the KV cache holds {capacity} tokens, this request may need {total}; raise kv_cache_memory or lower max_tokens")
-        if params.stop and self.tokenizer is None:
-            raise ConfigError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
-        if params.thinking_budget is not None and self.special.think_end is None:
-            raise ConfigError("thinking_budget needs the </think> token: load a tokenizer that has it or pass think_token_ids")
-        if params.logit_bias and (min(params.logit_bias) < 0 or max(params.logit_bias) >= vocab):
-            raise ConfigError(f"logit_bias token ids must be in [0, {vocab})")
-
-    def _opens_reasoning(self, ids: list[int]) -> bool:
-        start, end = self.special.think_start, self.special.think_end
-        if start is None:
-            return False
-        last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
-        last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
-        return last_start > last_end

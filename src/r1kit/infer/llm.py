@@ -11,14 +11,15 @@ steps the engine until they are done.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from r1kit.errors import ConfigError
-from r1kit.infer.engine import EngineConfig, LLMEngine, Prompt
+from r1kit.infer.engine import EngineConfig, LLMEngine
 from r1kit.infer.outputs import RequestOutput
+from r1kit.infer.processor import Prompt
 from r1kit.infer.sampling import SamplingParams
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

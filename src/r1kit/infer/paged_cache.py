@@ -11,9 +11,9 @@ over several sequences at different positions. It implements the model's cache p
   window (the ``window`` argument is ignored: windows are fixed per request at admission).
 
 Queries are left-padded too, so every row's newest token is the last column (``last_only`` logits).
-Local layers get the same full context as global ones: the mask limits them to their window. A
-sequence keeps every block until it ends, whatever its layers' kinds (simple and always correct;
-freeing blocks that left every layer's window is possible only for all-local models, and not done).
+Local layers are handed only the keys their window can reach (at most m + w − 1 per row, whatever
+the context length), so a decode step's local attention costs O(w), not O(n). Blocks are freed before a sequence ends only when *every* layer is local (the
+engine then drops the blocks that left the window); a global or hybrid layer needs them all.
 This module never decides which blocks a sequence owns: the block manager does.
 """
 
@@ -59,7 +59,7 @@ class PagedBatch:
     """One forward's view of the pool: row ``b`` computes ``lengths[b]`` tokens from position ``starts[b]``.
 
     Global and hybrid layers get each row's whole context; local layers only the keys their window
-    can reach (from ``starts[b] - window + 1``), so their attention costs O(m·w), not O(m·n). The
+    can reach (from ``starts[b] - window + 1``), so their attention does not grow with the context. The
     masks describe the keys of the latest ``update`` (the model asks for them right after it)."""
 
     def __init__(
@@ -125,8 +125,8 @@ class PagedBatch:
         if self.fresh and name == "full":
             return k, v
         read = self._layout(name).read
-        k_all = self.pool.k[layer_idx][read].transpose(1, 2)
-        v_all = self.pool.v[layer_idx][read].transpose(1, 2)
+        k_all = self.pool.k[layer_idx].index_select(0, read.flatten()).view(*read.shape, heads, dim).transpose(1, 2)
+        v_all = self.pool.v[layer_idx].index_select(0, read.flatten()).view(*read.shape, heads, dim).transpose(1, 2)
         return k_all.to(k.dtype), v_all.to(v.dtype)
 
     def attention_mask(self, kind: str, window: int | None = None) -> torch.Tensor:

@@ -12,8 +12,8 @@ Rows that need nothing but an argmax share one ``argmax`` call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

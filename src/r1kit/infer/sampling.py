@@ -9,7 +9,8 @@ Everything here is a pure function of its inputs (the random generator is passed
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -73,7 +74,7 @@ class SamplingParams:
         if self.logit_bias is not None:
             set_("logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
 
-    def replace(self, **changes: Any) -> "SamplingParams":
+    def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
 
     def __hash__(self) -> int:  # logit_bias is a dict; params are compared, rarely hashed
@@ -81,7 +82,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # as vLLM: a temperature this small is greedy (dividing by it would overflow the logits)
+        return self.temperature < 1e-5
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -103,6 +105,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop[..., 0] = False  # the most likely token always stays, whatever rounding says
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     if min_p > 0.0:
         probs = logits.softmax(-1)
@@ -112,11 +115,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from last-position logits [B, V] and the ids seen so far [B, L]."""
-    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    logits = _finite(apply_repetition_penalty(logits.float(), seen, params.repetition_penalty))
     if params.greedy:
         return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    logits = filter_logits(_finite(logits / params.temperature), params.top_k, params.top_p, params.min_p)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """Extreme penalties or temperatures overflow float32: keep the order, never inf or NaN."""
+    big = torch.finfo(logits.dtype).max / 4
+    return logits.nan_to_num(nan=-big, posinf=big, neginf=-big)
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float] | None) -> torch.Tensor:

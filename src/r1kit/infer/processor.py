@@ -1,0 +1,115 @@
+"""Requests in, text out: prompts to token ids (with the checks a request must pass), and token ids
+back to text, incrementally, with stop strings.
+
+The engine calls this for everything that depends on the tokenizer or on what a request may ask
+for; it never touches the cache or the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from r1kit.errors import ConfigError
+from r1kit.infer.sampler import SpecialIds
+from r1kit.infer.sampling import SamplingParams
+from r1kit.infer.sequence import Sequence
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class Processor:
+    def __init__(self, model_config, tokenizer, max_model_len: int, capacity_tokens: int, block_size: int,
+                 think_token_ids: tuple[int, int] | None = None) -> None:
+        self.model_config, self.tokenizer = model_config, tokenizer
+        self.max_model_len, self.capacity_tokens, self.block_size = max_model_len, capacity_tokens, block_size
+        self.special = self._special_ids(think_token_ids)
+        self.hidden_ids = self._hidden_ids()
+
+    def _special_ids(self, think_token_ids: tuple[int, int] | None) -> SpecialIds:
+        from r1kit.data.tokenizer import END_THINK, EOS, THINK
+
+        eos = self.model_config.eos_token_id
+        eos_ids = set(eos) if isinstance(eos, tuple) else ({eos} if eos is not None else set())
+        tok = self.tokenizer
+        if not eos_ids and tok is not None and tok.token_to_id(EOS) is not None:
+            eos_ids = {tok.token_to_id(EOS)}
+        start, end = think_token_ids or (None, None)
+        if think_token_ids is None and tok is not None:
+            start, end = tok.token_to_id(THINK), tok.token_to_id(END_THINK)
+        return SpecialIds(frozenset(eos_ids), start, end)
+
+    def _hidden_ids(self) -> frozenset[int]:
+        """Special tokens left out of the text (``<think>``/``</think>`` stay: the reasoning parser needs them)."""
+        if self.tokenizer is None:
+            return frozenset()
+        keep = {self.special.think_start, self.special.think_end}
+        added = self.tokenizer.get_added_tokens_decoder()
+        return frozenset(i for i, t in added.items() if t.special and i not in keep)
+
+    def detokenize(self, seq: Sequence) -> str:
+        """New text from the newest visible id; waits while the bytes end mid-character."""
+        ids, decode = seq.visible_ids, self.tokenizer.decode
+        prefix = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=False)
+        new = decode(ids[seq.prefix_offset :], skip_special_tokens=False)
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return new[len(prefix) :]
+        return ""
+
+    def decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    @staticmethod
+    def find_stop(seq: Sequence, checked: int) -> tuple[str, str] | None:
+        """(the stop string, the text cut at it) when one ends in the text after ``checked``."""
+        start = max(0, checked - max(len(s) for s in seq.params.stop) + 1)
+        found = [(i, s) for s in seq.params.stop if (i := seq.text.find(s, start)) >= 0]
+        if not found:
+            return None
+        i, s = min(found)
+        return s, seq.text[: i + (len(s) if seq.params.include_stop_str_in_output else 0)]
+
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ConfigError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ConfigError("a text prompt needs a tokenizer: load the LLM from a model directory with tokenizer.json, or pass token ids")
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return None, [int(t) for t in prompt]
+
+    def validate(self, ids: list[int], params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ConfigError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ConfigError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
+                f"max_seq_len={self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        if -(-total // self.block_size) * self.block_size > self.capacity_tokens:
+            raise ConfigError(
+                f"the KV cache holds {self.capacity_tokens} tokens, this request may need {total}; raise kv_cache_memory or lower max_tokens"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ConfigError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+        if params.thinking_budget is not None and self.special.think_end is None:
+            raise ConfigError("thinking_budget needs the </think> token: load a tokenizer that has it or pass think_token_ids")
+        if params.logit_bias and (min(params.logit_bias) < 0 or max(params.logit_bias) >= vocab):
+            raise ConfigError(f"logit_bias token ids must be in [0, {vocab})")
+
+    def opens_reasoning(self, ids: list[int]) -> bool:
+        start, end = self.special.think_start, self.special.think_end
+        if start is None:
+            return False
+        last_start = max((i for i, t in enumerate(ids) if t == start), default=-1)
+        last_end = max((i for i, t in enumerate(ids) if t == end), default=-1)
+        return last_start > last_end

@@ -1,0 +1,401 @@
+"""The HTTP API: OpenAI's completions and chat completions, tokenize/detokenize, health and metrics.
+
+Responses, streaming chunks (``data: {...}`` … ``data: [DONE]``), ``usage`` and errors
+(``{"error": {"message", "type", "param", "code"}}``) have OpenAI's shapes, so the ecosystem's
+clients work unchanged. Bad input is a 400 that names the field, never a 500. This module only
+translates between HTTP and the engine; it never samples or schedules.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from r1kit.errors import R1kitError
+from r1kit.infer.outputs import RequestOutput
+from r1kit.serve.async_engine import AsyncEngine, QueueFull
+from r1kit.serve.chat_template import ChatTemplate
+from r1kit.serve.metrics import ServerMetrics
+from r1kit.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from r1kit.serve.reasoning import ReasoningStream, split_reasoning
+
+
+@dataclass
+class ServerState:
+    """What the handlers share. ``engine`` is None while the model loads (``/health`` answers 503)."""
+
+    model_name: str
+    tokenizer: Any = None
+    template: ChatTemplate | None = None
+    engine: AsyncEngine | None = None
+    metrics: ServerMetrics | None = None
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    reasoning: bool = True
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="r1kit", version="1", docs_url=None, redoc_url=None)
+    app.state.r1kit = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return error_response(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, str(exc.detail), kind)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        path = request.url.path
+        if state.api_key and path not in ("/health", "/metrics") and request.headers.get("authorization") != f"Bearer {state.api_key}":
+            return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
+            return error_response(413, f"request body of {length} bytes is over the limit of {state.max_body_bytes}", "invalid_request_error")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if state.engine is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        if not state.engine.alive:
+            return JSONResponse({"status": "engine stopped", "error": repr(state.engine.error)}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        body = state.metrics.render() if state.metrics else b""
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "r1kit"}]}
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        _check_model(state, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        text = body.prompt if body.prompt is not None else _render(state, [{"role": m.role, "content": m.text()} for m in body.messages])
+        ids = state.tokenizer.encode(text, add_special_tokens=body.add_special_tokens).ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": _engine(state).engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(state, body.model)
+        vocab = state.tokenizer.get_vocab_size()
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        _check_model(state, body.model)
+        return await _completions(state, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
+        _check_model(state, body.model)
+        return await _chat(state, body)
+
+    return app
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _engine(state: ServerState) -> AsyncEngine:
+    if state.engine is None:
+        raise APIError(503, "the model is still loading; retry when /health answers 200", "service_unavailable")
+    return state.engine
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}", "not_found_error", "model", "model_not_found")
+
+
+def _render(state: ServerState, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    try:
+        return state.template.render(messages, add_generation_prompt=add_generation_prompt)
+    except R1kitError as exc:  # the template's own raise_exception
+        raise APIError(400, f"messages: {exc}", param="messages") from None
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+async def _submit(state: ServerState, prompt, params) -> AsyncIterator[RequestOutput]:
+    """Start a request and wait until the engine accepted it, so validation errors become 400s."""
+    stream = _engine(state).generate(prompt, params)
+    try:
+        first = await stream.__anext__()
+    except QueueFull as exc:
+        raise APIError(503, str(exc), "service_unavailable") from None
+    except R1kitError as exc:
+        raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+
+    async def rest() -> AsyncIterator[RequestOutput]:
+        yield first
+        async for out in stream:
+            yield out
+
+    return rest()
+
+
+def _param_of(message: str) -> str | None:
+    for name in ("max_tokens", "prompt", "temperature", "top_p", "top_k", "stop", "n", "logprobs", "logit_bias"):
+        if name in message:
+            return name
+    return None
+
+
+async def _final(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for last in stream:
+        pass
+    return last
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come, tagged with the request's position."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, out = await queue.get()
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+# -- logprobs in OpenAI's two shapes -----------------------------------------------------------------
+def _token_text(state: ServerState, token_id: int, entry) -> str:
+    return entry.decoded_token if entry is not None and entry.decoded_token is not None else state.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _completion_logprobs(state: ServerState, ids: list[int], entries: list, offset: int = 0) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    pos = offset
+    for token_id, entry in zip(ids, entries):
+        text = _token_text(state, token_id, entry.get(token_id) if entry else None)
+        tokens.append(text)
+        offsets.append(pos)
+        pos += len(text)
+        if entry is None:
+            token_logprobs.append(None)
+            top.append(None)
+            continue
+        token_logprobs.append(entry[token_id].logprob)
+        top.append({_token_text(state, t, lp): lp.logprob for t, lp in entry.items()})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(state: ServerState, ids: list[int], entries: list, top_n: int) -> dict[str, Any]:
+    content = []
+    for token_id, entry in zip(ids, entries):
+        text = _token_text(state, token_id, entry.get(token_id))
+        alternatives = sorted(entry.items(), key=lambda kv: kv[1].rank)[:top_n]
+        content.append(
+            {
+                "token": text,
+                "logprob": entry[token_id].logprob,
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": (t_text := _token_text(state, t, lp)), "logprob": lp.logprob, "bytes": list(t_text.encode("utf-8"))}
+                    for t, lp in alternatives
+                ],
+            }
+        )
+    return {"content": content}
+
+
+# -- /v1/completions -----------------------------------------------------------------------------
+async def _completions(state: ServerState, body: CompletionRequest):
+    echo_only = body.echo and body.max_tokens == 0  # lm-eval's loglikelihood: score the prompt only
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens must be >= 1 (0 is only meaningful with echo=true)", param="max_tokens")
+    max_tokens = 1 if echo_only else (body.max_tokens or 16)
+    prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    streams = [await _submit(state, p, params) for p in body.prompts()]
+    created = int(time.time())
+
+    if body.stream:
+
+        async def events():
+            usage_prompt, usage_completion = 0, 0
+            echoed: set[int] = set()
+            async for i, out in _merge(streams):
+                for c in out.outputs:
+                    index = i * body.n + c.index
+                    text = "" if echo_only else c.delta_text
+                    if body.echo and index not in echoed:
+                        echoed.add(index)
+                        text = (out.prompt or state.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)) + text
+                    if not text and c.finish_reason is None:
+                        continue
+                    yield _sse(
+                        {
+                            "id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
+                            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": c.finish_reason}],
+                        }
+                    )  # fmt: skip
+                if out.finished:
+                    usage_prompt += len(out.prompt_token_ids)
+                    usage_completion += sum(len(c.token_ids) for c in out.outputs)
+            if body.stream_options and body.stream_options.include_usage:
+                yield _sse({"id": request_id, "object": "text_completion", "created": created, "model": state.model_name, "choices": [], "usage": _usage(usage_prompt, usage_completion)})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    finals = await asyncio.gather(*(_final(s) for s in streams))
+    choices = []
+    for i, out in enumerate(finals):
+        prompt_text = out.prompt or state.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+        for c in out.outputs:
+            text = "" if echo_only else c.text
+            logprobs = None
+            if body.logprobs is not None:
+                ids = ([] if echo_only else list(c.token_ids))
+                entries = [] if echo_only else list(c.logprobs or [])
+                if body.echo:
+                    ids, entries = list(out.prompt_token_ids) + ids, list(out.prompt_logprobs or [None] * len(out.prompt_token_ids)) + entries
+                logprobs = _completion_logprobs(state, ids, entries)
+            choices.append(
+                {
+                    "index": i * body.n + c.index,
+                    "text": (prompt_text + text) if body.echo else text,
+                    "logprobs": logprobs,
+                    "finish_reason": "length" if echo_only else c.finish_reason,
+                }
+            )
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in finals)
+    completion_tokens = 0 if echo_only else sum(len(c.token_ids) for o in finals for c in o.outputs)
+    return {
+        "id": request_id, "object": "text_completion", "created": created, "model": state.model_name, "choices": choices,
+        "usage": _usage(prompt_tokens, completion_tokens, sum(o.num_cached_tokens for o in finals)),
+    }  # fmt: skip
+
+
+# -- /v1/chat/completions ----------------------------------------------------------------------------
+async def _chat(state: ServerState, body: ChatCompletionRequest):
+    prompt = _render(state, body.template_messages(), body.add_generation_prompt)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        engine = _engine(state).engine
+        max_tokens = max(1, engine.max_model_len - len(state.tokenizer.encode(prompt, add_special_tokens=False).ids))
+    top_n = body.top_logprobs or 0
+    params = body.sampling(max_tokens, top_n if body.logprobs else None, None)
+    stream = await _submit(state, prompt, params)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    reasoning = state.reasoning
+
+    def message_parts(text: str) -> dict[str, Any]:
+        if not reasoning:
+            return {"content": text}
+        thought, answer = split_reasoning(text)
+        return {"content": answer, "reasoning_content": thought, "reasoning": thought}
+
+    if body.stream:
+
+        async def events():
+            parsers = [ReasoningStream() for _ in range(body.n)]
+            started: set[int] = set()
+            final: RequestOutput | None = None
+            base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
+            async for final in stream:
+                for c in final.outputs:
+                    if c.index not in started:
+                        started.add(c.index)
+                        yield _sse({**base, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+                    done = c.finish_reason is not None
+                    if reasoning:
+                        thought, answer = parsers[c.index].feed(c.delta_text, final=done)
+                    else:
+                        thought, answer = "", c.delta_text
+                    delta: dict[str, Any] = {}
+                    if thought:
+                        delta["reasoning_content"] = delta["reasoning"] = thought
+                    if answer:
+                        delta["content"] = answer
+                    logprobs = None
+                    if body.logprobs and c.logprobs and c.delta_token_ids:
+                        logprobs = _chat_logprobs(state, c.delta_token_ids, c.logprobs[-len(c.delta_token_ids) :], top_n)
+                    if delta or done:
+                        yield _sse({**base, "choices": [{"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": c.finish_reason}]})
+            if final is not None and body.stream_options and body.stream_options.include_usage:
+                usage = _usage(len(final.prompt_token_ids), sum(len(c.token_ids) for c in final.outputs), final.num_cached_tokens)
+                yield _sse({**base, "choices": [], "usage": usage})
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    out = await _final(stream)
+    choices = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", **message_parts(c.text)},
+            "logprobs": _chat_logprobs(state, c.token_ids, c.logprobs or [], top_n) if body.logprobs else None,
+            "finish_reason": c.finish_reason,
+        }
+        for c in out.outputs
+    ]
+    return {
+        "id": request_id, "object": "chat.completion", "created": created, "model": state.model_name, "choices": choices,
+        "usage": _usage(len(out.prompt_token_ids), sum(len(c.token_ids) for c in out.outputs), out.num_cached_tokens),
+    }  # fmt: skip

@@ -1,0 +1,84 @@
+"""`r1kit serve`: the OpenAI-compatible HTTP server (the seed's `serve.py --port 8080`).
+
+The socket opens at once and ``/health`` answers 503 while the model loads, 200 once the engine
+loop runs; SIGTERM stops accepting new requests, lets in-flight ones finish for
+``--shutdown-timeout`` seconds, then aborts the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 in containers)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default 8080, the seed's)")
+    parser.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API routes")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together (default 64)")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step (default 2048)")
+    parser.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's max_seq_len)")
+    parser.add_argument("--kv-cache-memory", type=int, help="bytes for the KV-cache pool (default: a share of free memory)")
+    parser.add_argument("--max-waiting", type=int, default=256, help="requests in flight before new ones get 503 (default 256)")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB; larger: 413)")
+    parser.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1", help="split <think>…</think> into reasoning_content (default deepseek_r1)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+
+
+def load_state(args: argparse.Namespace, state) -> None:
+    """Load the model and start the engine loop (runs beside the already-listening server)."""
+    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.infer.engine import EngineConfig, LLMEngine
+    from r1kit.infer.generate_cli import DTYPES
+    from r1kit.model.hf import load_model
+    from r1kit.serve.async_engine import AsyncEngine
+    from r1kit.serve.chat_template import ChatTemplate
+
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    config = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+    )
+    engine = LLMEngine(model, tokenizer, config)
+    state.tokenizer, state.template = tokenizer, ChatTemplate.from_model_dir(args.model)
+    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting, observer=state.metrics)
+    async_engine.start()
+    state.engine = async_engine
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from r1kit.serve.app import ServerState, build_app
+    from r1kit.serve.metrics import ServerMetrics
+
+    name = args.served_model_name or Path(args.model).resolve().name
+    state = ServerState(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes, reasoning=args.reasoning_parser != "none")
+    state.metrics = ServerMetrics(name)
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_state(args, state)
+            print(f"r1kit serve: {name} ready on http://{args.host}:{args.port}", flush=True)
+        except BaseException as exc:  # the server keeps answering 503 and the process exits with the reason
+            failure.append(exc)
+            server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout))
+    loader = threading.Thread(target=load, name="r1kit-load", daemon=True)
+    loader.start()
+    server.run()
+    if state.engine is not None:
+        state.engine.stop()
+    if failure:
+        raise failure[0]
+    return 0
