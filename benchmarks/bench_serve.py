@@ -1,0 +1,148 @@
+"""Load test of `r1kit serve` on loopback against the engine called directly, in one run.
+
+Builds a model directory (a tokenizer trained on a few standard-library files and a randomly
+initialised model of the given config), starts the server on 127.0.0.1, and sends streaming
+completion requests from 1, 8 and 32 concurrent clients (bounded: a fixed number of requests per
+level). Prints requests/s, generated tokens/s, time to first token and inter-token latency
+(p50/p99), and the server's throughput against `LLMEngine` serving the same requests in-process.
+
+    python benchmarks/bench_serve.py [--config configs/tiny-cpu.yaml] [--requests 64] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+
+def build_model_dir(config: str, out: Path) -> Path:
+    import dataclasses
+    import email
+    import json as json_module
+
+    from r1kit.config import ModelConfig
+    from r1kit.data.tokenizer import EOS, train_tokenizer
+    from r1kit.model import R1kitForCausalLM
+
+    tok = train_tokenizer([Path(m.__file__).read_text() for m in (json_module, email, socket, subprocess, argparse)], vocab_size=2048)
+    out.mkdir(parents=True)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = dataclasses.replace(ModelConfig.from_yaml(config), vocab_size=tok.get_vocab_size(), eos_token_id=tok.token_to_id(EOS))
+    torch.manual_seed(0)
+    R1kitForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def client_load(base: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict[str, float]:
+    queue: asyncio.Queue = asyncio.Queue()
+    for p in prompts:
+        queue.put_nowait(p)
+    ttft, itl, tokens = [], [], 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            prompt = queue.get_nowait()
+            body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+            start = last = time.perf_counter()
+            first = True
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    now = time.perf_counter()
+                    if json.loads(line[6:])["choices"][0]["text"]:
+                        (ttft.append(now - start) if first else itl.append(now - last))
+                        first, last = False, now
+            tokens += max_tokens
+
+    start = time.perf_counter()
+    async with httpx.AsyncClient(base_url=base, timeout=300) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - start
+    return {
+        "req_s": len(prompts) / elapsed, "tok_s": tokens / elapsed,
+        "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99), "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99),
+    }  # fmt: skip
+
+
+def engine_direct(model_dir: Path, prompts: list[str], max_tokens: int, max_num_seqs: int) -> float:
+    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.infer.engine import EngineConfig, LLMEngine
+    from r1kit.infer.sampling import SamplingParams
+    from r1kit.model import load_model
+
+    engine = LLMEngine(load_model(model_dir), load_tokenizer(model_dir), EngineConfig(max_num_seqs=max_num_seqs, kv_cache_memory=64 << 20))
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    for p in prompts:
+        engine.add_request(None, p, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return len(prompts) * max_tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/tiny-cpu.yaml", help="model config to initialise")
+    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    args = parser.parse_args()
+    prompts = [f"def function_{i}(value):\n    return" for i in range(args.requests)]
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model_dir(args.config, Path(tmp) / "bench")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        log = open(Path(tmp) / "server.log", "w")
+        server = subprocess.Popen(
+            [sys.executable, "-m", "r1kit.cli", "serve", "--model", str(model_dir), "--port", str(port), "--served-model-name", "bench", "--kv-cache-memory", str(64 << 20)],
+            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                try:
+                    if httpx.get(base + "/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
+            asyncio.run(client_load(base, prompts[:4], 4, 4))  # warm-up
+            print(f"model {args.config}, {args.requests} requests x {args.max_tokens} tokens per level, greedy, streaming")
+            print(f"{'clients':>8} {'req/s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+            results = {}
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                r = results[c] = asyncio.run(client_load(base, prompts, c, args.max_tokens))
+                print(f"{c:>8} {r['req_s']:>8.2f} {r['tok_s']:>8.1f} {r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms {r['itl_p50'] * 1e3:>6.0f}ms {r['itl_p99'] * 1e3:>6.0f}ms")
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        top = max(results)
+        direct = engine_direct(model_dir, prompts, args.max_tokens, top)
+        print(f"engine called directly, {top} at once: {direct:.1f} tok/s | server at {top} clients: {results[top]['tok_s']:.1f} tok/s "
+              f"({results[top]['tok_s'] / direct:.2f}x, {100 * (1 - results[top]['tok_s'] / direct):.1f}% lost)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
