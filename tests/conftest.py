@@ -19,3 +19,8 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # The tests' models are tiny: one thread avoids OpenMP spin-waits that stall small ops on a busy 2-core machine.
+    torch.set_num_threads(1)

@@ -163,13 +163,21 @@ def test_requests_that_cannot_fit_are_refused_clearly(tiny_config):
         llm.generate(["hello"], SamplingParams())
     with pytest.raises(ConfigError, match="vocabulary|must be in"):
         llm.generate([[70]], SamplingParams())
+    with pytest.raises(ConfigError, match="stop_token_ids must be in"):
+        llm.generate([[1]], SamplingParams(stop_token_ids=[61], min_tokens=1))
+    with pytest.raises(ConfigError, match="exceeds max_num_seqs"):
+        LLM(model, num_kv_blocks=8, max_num_seqs=2).generate([[1]], SamplingParams(n=3))
     assert not llm.llm_engine.has_unfinished_requests()
     with pytest.raises(ConfigError, match="hybrid_global=compressed"):
         LLM(R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_global="compressed")))
-    with pytest.raises(ConfigError, match="hybrid_gate_threshold"):
-        LLM(R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_gate_threshold=0.5)))
     with pytest.raises(ConfigError, match="unknown LLM arguments"):
         LLM(model, blok_size=4)
+
+
+def test_hard_gated_hybrid_equals_the_reference(tiny_config):
+    model = R1kitForCausalLM(tiny_config(attention="hybrid", ffn="topk", hybrid_gate_threshold=0.5)).eval()
+    prompts = [[3, 14, 15, 9, 2, 6, 5, 3, 5], [8, 9, 7], list(range(1, 20))]
+    assert [o.outputs[0].token_ids for o in LLM(model, num_kv_blocks=64).generate(prompts, GREEDY)] == reference(model, prompts)
 
 
 def test_memory_budget_sizes_the_pool(tiny_config):

@@ -163,7 +163,7 @@ def test_penalties_change_greedy_output_and_need_a_tokenizer_for_stop_strings(ll
         engine.add_request("x", [1, 2], SamplingParams(thinking_budget=3))
 
 
-@pytest.mark.parametrize("bad", [dict(n=0), dict(min_tokens=5, max_tokens=2), dict(presence_penalty=3.0), dict(stop=[""]), dict(logprobs=-1)])
+@pytest.mark.parametrize("bad", [dict(n=0), dict(min_tokens=5, max_tokens=2), dict(presence_penalty=3.0), dict(stop=[""]), dict(logprobs=-1), dict(logit_bias={3: float("inf")}), dict(logit_bias={3: 101}), dict(seed=-1)])
 def test_bad_engine_sampling_params(bad):
     with pytest.raises(ConfigError):
         SamplingParams(**bad)
@@ -190,3 +190,23 @@ def test_bench_cli_on_a_random_model(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "engine tok/s" in out and "batch-1 bandwidth" in out and "prefix cached (48 tokens)" in out
+
+
+def test_shared_sampling_draws_from_the_filtered_distribution():
+    """Unseeded rows are sampled together among the kept tokens only: same distribution as the slow path."""
+    from collections import Counter
+
+    from r1kit.infer.sampler import SpecialIds, sample
+    from r1kit.infer.sequence import Sequence
+
+    torch.manual_seed(0)
+    params = SamplingParams(temperature=0.7, top_k=3, top_p=0.99, max_tokens=5)
+    row = torch.tensor([2.0, 1.0, 0.5, 0.4, -3.0])
+    seqs = [Sequence("r", i, [0], params, 4) for i in range(8)]
+    draws = Counter()
+    for _ in range(500):
+        draws.update(t for t, _ in sample(row.expand(8, -1), seqs, SpecialIds(frozenset())))
+    want = (row[:3] / 0.7).softmax(-1)
+    assert set(draws) <= {0, 1, 2}
+    for token in range(3):
+        assert abs(draws[token] / 4000 - float(want[token])) < 0.03

@@ -127,10 +127,13 @@ class LeftPaddedCache:
         self.length += m
 
 
-@pytest.mark.parametrize("attention", ["global", "local", "hybrid"])
+@pytest.mark.parametrize("attention", ["global", "local", "hybrid", "hybrid-hard-gate"])
 @pytest.mark.parametrize("ffn", ["dense", "topk"])
 def test_masked_batch_path_equals_single_sequences(tiny_config, attention, ffn):
-    cfg = tiny_config(attention=attention, ffn=ffn)
+    if attention == "hybrid-hard-gate":  # a threshold near the gates' values: some tokens skip, some mix
+        cfg = tiny_config(attention="hybrid", ffn=ffn, hybrid_gate_threshold=0.5)
+    else:
+        cfg = tiny_config(attention=attention, ffn=ffn)
     model = R1kitForCausalLM(cfg).eval()
     seqs = [torch.randint(0, 61, (n,)) for n in (9, 5, 7)]
     longest = max(len(s) for s in seqs)

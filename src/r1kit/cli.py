@@ -21,7 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "eval": ("r1kit.train.eval_cli", "evaluate a model: perplexity overall and by position"),
     "quantize": ("r1kit.quant.cli", "quantize a model to 4-bit GPTQ (or RTN) and write a GPTQ checkpoint"),
     "serve": ("r1kit.serve.cli", "serve a model over an OpenAI-compatible HTTP API (health, metrics, streaming)"),
-    "generate": ("r1kit.infer.generate_cli", "generate text from a model directory (reference decoding path)"),
+    "generate": ("r1kit.infer.generate_cli", "generate text from a model directory (the engine; --reference for the plain decoding loop)"),
     "bench": ("r1kit.infer.bench_cli", "measure the engine's throughput and latency on a model directory or config"),
 }
 

@@ -72,11 +72,6 @@ class LLMEngine:
         mc = model.config
         if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_global == "compressed":
             raise ConfigError("the engine does not support hybrid_global=compressed (no batched mask path); use hybrid_global=full or r1kit's reference generate")
-        if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_gate_threshold is not None:
-            raise ConfigError(
-                "the engine does not support hybrid_gate_threshold (the batched mask path mixes both branches for every "
-                "token, so it would not compute this model); set hybrid_gate_threshold: null or use r1kit's reference generate"
-            )
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_seq_len
@@ -112,6 +107,8 @@ class LLMEngine:
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
+        if params.n > self.config.max_num_seqs:
+            raise ConfigError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}: the completions of a request run together")
         text, ids = self.processor.tokenize(prompt)
         self.processor.validate(ids, params)
         window = self.model.config.window_for(len(ids))

@@ -103,6 +103,8 @@ class Processor:
             raise ConfigError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
         if params.thinking_budget is not None and self.special.think_end is None:
             raise ConfigError("thinking_budget needs the </think> token: load a tokenizer that has it or pass think_token_ids")
+        if params.stop_token_ids and (min(params.stop_token_ids) < 0 or max(params.stop_token_ids) >= vocab):
+            raise ConfigError(f"stop_token_ids must be in [0, {vocab})")
         if params.logit_bias and (min(params.logit_bias) < 0 or max(params.logit_bias) >= vocab):
             raise ConfigError(f"logit_bias token ids must be in [0, {vocab})")
 

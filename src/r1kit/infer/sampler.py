@@ -5,7 +5,8 @@ Per row, in this order: logit bias; ``min_tokens`` (EOS and stop ids masked); th
 penalties over the output; then :func:`r1kit.infer.sampling.sample_next` (repetition penalty over
 prompt + output, greedy or temperature/top-k/top-p/min-p), the same code as the reference loop, so
 a seeded request draws the same tokens as ``generate`` does. A seeded sequence owns its
-``torch.Generator``, so its draws do not depend on which other requests share the batch.
+``torch.Generator``, so its draws do not depend on which other requests share the batch; unseeded
+rows with the same controls are sampled together, in one call.
 Log-probabilities are those of the model's raw distribution (before any processing), as vLLM's.
 Rows that need nothing but an argmax share one ``argmax`` call.
 """
@@ -17,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from r1kit.infer.sampling import apply_logit_bias, apply_presence_frequency, sample_next
+from r1kit.infer.sampling import (
+    apply_logit_bias,
+    apply_presence_frequency,
+    apply_repetition_penalty,
+    filter_logits,
+    sample_next,
+)
 from r1kit.infer.sequence import Sequence
 
 
@@ -79,17 +86,54 @@ def sample(
         picked = logits[rows].argmax(-1).tolist()
         for i, t in zip(rows, picked):
             tokens[i] = t
-    results: list[tuple[int, dict[int, Logprob] | None]] = []
+    # rows that draw from their own generator go one by one (reproducible whatever the batch);
+    # the others share one sample_next call per set of identical sampling controls
+    groups: dict[tuple, list[int]] = {}
     for i, seq in enumerate(seqs):
         if not plain[i]:
-            row = process_row(logits[i], seq, special)
-            seen = torch.tensor([seq.token_ids], dtype=torch.long, device=row.device)
-            tokens[i] = int(sample_next(row[None], seq.params, seen, seq.generator)[0])
+            p = seq.params
+            own = seq.generator is not None and not p.greedy
+            key = (i,) if own else (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
+            groups.setdefault(key, []).append(i)
+    for rows in groups.values():
+        params = seqs[rows[0]].params
+        batch = torch.stack([process_row(logits[i], seqs[i], special) for i in rows])
+        seen = _seen([seqs[i] for i in rows], params.repetition_penalty, batch.device)
+        generator = seqs[rows[0]].generator if len(rows) == 1 else None
+        picked = (sample_next(batch, params, seen, generator) if generator is not None else _sample_shared(batch, params, seen)).tolist()
+        for i, t in zip(rows, picked):
+            tokens[i] = int(t)
+    results: list[tuple[int, dict[int, Logprob] | None]] = []
+    for i, seq in enumerate(seqs):
         entry = None
         if seq.params.logprobs is not None:
             entry = logprob_entry(logits[i], tokens[i], seq.params.logprobs, decode)
         results.append((tokens[i], entry))
     return results
+
+
+def _sample_shared(logits: torch.Tensor, params, seen: torch.Tensor) -> torch.Tensor:
+    """:func:`sample_next` for rows without a generator, drawing only among the tokens the filters
+    kept (the same distribution; multinomial over the whole vocabulary costs more than the model at
+    small batch)."""
+    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
+    kept = int(torch.isfinite(logits).sum(-1).max())
+    if kept == logits.shape[-1]:
+        return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    values, ids = logits.topk(kept, dim=-1)
+    return ids.gather(-1, torch.multinomial(values.softmax(-1), 1)).squeeze(-1)
+
+
+def _seen(seqs: list[Sequence], penalty: float, device: torch.device) -> torch.Tensor:
+    """Prompt + output ids [B, L] for the repetition penalty, each row padded with its own first id
+    (a repeated id is penalised once, as it should be)."""
+    if penalty == 1.0:
+        return torch.empty((len(seqs), 0), dtype=torch.long, device=device)
+    width = max(len(s.token_ids) for s in seqs)
+    return torch.tensor([s.token_ids + [s.token_ids[0]] * (width - len(s.token_ids)) for s in seqs], device=device)
 
 
 def logprob_entry(logits: torch.Tensor, token: int, top: int, decode: Callable[[int], str] | None) -> dict[int, Logprob]:

@@ -54,6 +54,8 @@ class SamplingParams:
             raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off, >1 discourages repeats)")
         if self.max_tokens < 1:
             raise ConfigError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed={self.seed} must be in [0, 2**63)")
         if self.n < 1:
             raise ConfigError(f"n={self.n} must be >= 1 (the number of completions per prompt)")
         if not 0 <= self.min_tokens <= self.max_tokens:
@@ -72,7 +74,10 @@ class SamplingParams:
         set_("stop", stop)
         set_("stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.logit_bias is not None:
-            set_("logit_bias", {int(k): float(v) for k, v in self.logit_bias.items()})
+            bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            if any(not -100.0 <= v <= 100.0 for v in bias.values()):  # also refuses nan and inf
+                raise ConfigError("logit_bias values must be numbers in [-100, 100] (OpenAI's range)")
+            set_("logit_bias", bias)
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -102,11 +107,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        # only the finite logits need sorting (after top-k, a few dozen instead of the vocabulary)
+        finite = int(torch.isfinite(logits).sum(-1).max())
+        if finite < logits.shape[-1]:
+            sorted_logits, order = logits.topk(max(finite, 1), dim=-1)
+        else:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching top_p
         drop[..., 0] = False  # the most likely token always stays, whatever rounding says
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        outside = torch.ones_like(logits, dtype=torch.bool).scatter(-1, order, drop)  # unsorted ones are -inf already
+        logits = logits.masked_fill(outside, float("-inf"))
     if min_p > 0.0:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, float("-inf"))

@@ -180,7 +180,13 @@ class Attention(nn.Module):
         if self.config.hybrid_global == "compressed":
             raise ConfigError("hybrid_global=compressed is not supported with a batched (masked) cache; use hybrid_global=full")
         g = self._gate(x, q)
-        return g * local + (1 - g) * _sdpa(q, k, v, mask=masks("global", window))
+        mixed = g * local + (1 - g) * _sdpa(q, k, v, mask=masks("global", window))
+        threshold = self.config.hybrid_gate_threshold
+        if threshold is None or self.training:
+            return mixed
+        # the hard gate's rule (see _hard_gated): confident tokens are local only. A padded batch
+        # computes the global branch for every row anyway, so this keeps results, not time.
+        return torch.where((g >= threshold).all(dim=1, keepdim=True), local, mixed)
 
     def _gate(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """The mixing weight of the local branch, [B, 1 or H, m, 1]."""

@@ -1,0 +1,135 @@
+"""Benchmark: the r1kit engine vs the reference loop and Hugging Face ``generate`` (issue 5).
+
+On the same Qwen2-architecture weights (random, created locally by ``transformers`` and loaded by
+both libraries), float32, for each model size it prints, in one run:
+
+* decode tokens/s at each batch size (concurrent requests): the r1kit engine, the r1kit reference
+  loop (requests one after another: its rate does not depend on the batch, so it is timed on at most
+  ``--reference-requests`` of them), and ``transformers`` ``generate`` on the left-padded batch,
+  with the engine's ratio to each. Decode rate = tokens after the first / time after the first token
+  (for ``transformers``: the difference between a run of N and a run of 1 new token);
+* achieved memory bandwidth at batch 1 (weight bytes × tokens/s) as a share of the machine's copy
+  bandwidth (read + write of a 256 MiB tensor), the hardware limit of decoding;
+* time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached.
+
+All measurements of a model are taken round-robin for ``--repeats`` rounds and the best of each is
+reported, so a machine shared with other work disturbs the ratios as little as it can.
+
+Usage: python benchmarks/bench_engine.py [--models 11m,100m] [--batch-sizes 1,8,16] [--prompt-len 128]
+       [--new-tokens 128] [--prefix-len 2048] [--threads 2] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+
+import torch
+
+from r1kit.infer.bench_cli import (
+    copy_bandwidth,
+    model_bytes,
+    random_prompts,
+    time_engine,
+    time_prefix_ttft,
+    time_reference,
+)
+
+SIZES = {
+    "11m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
+    "100m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, intermediate_size=2048),
+}
+
+
+def make_checkpoint(size: str, path: str) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=4096, **SIZES[size])
+    Qwen2ForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+
+
+def time_hf(model, prompts: list[list[int]], new_tokens: int) -> float:
+    """Decode tokens/s of ``generate`` on the batch: (run of N tokens − run of 1 token)."""
+    ids = torch.tensor(prompts)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
+
+    def run(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        return time.perf_counter() - t0
+
+    one = run(1)
+    full = run(new_tokens)
+    return len(prompts) * (new_tokens - 1) / max(full - one, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="11m,100m", help="model sizes to run: 11m, 100m")
+    ap.add_argument("--batch-sizes", default="1,8,16", help="numbers of concurrent requests")
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
+    ap.add_argument("--new-tokens", type=int, default=128, help="new tokens per request")
+    ap.add_argument("--prefix-len", type=int, default=2048, help="prompt length of the cold vs cached TTFT test (0: skip)")
+    ap.add_argument("--reference-requests", type=int, default=2, help="requests timed with the sequential reference loop")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
+    ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds; the best of each is reported")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    from r1kit.infer.llm import LLM
+    from r1kit.model.hf import load_model
+
+    bandwidth = copy_bandwidth()
+    print(f"# r1kit engine benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, float32, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(f"# copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    for size in args.models.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            make_checkpoint(size, tmp)
+            model = load_model(tmp, dtype=torch.float32).eval()
+            hf = None
+            if not args.no_hf:
+                from transformers import AutoModelForCausalLM
+
+                hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        nbytes = model_bytes(model)
+        max_len = max(args.prompt_len + args.new_tokens, args.prefix_len + 1)
+        llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
+        time_engine(llm, random_prompts(2, 16, 32000, 99), 4)  # warm-up
+        # round-robin rounds; the best of each (the least disturbed by other processes) is reported
+        engine = {b: [] for b in sizes}
+        ttft = {b: [] for b in sizes}
+        hf_tps = {b: [] for b in sizes}
+        reference = []
+        for _ in range(args.repeats):
+            reference.append(time_reference(model, random_prompts(args.reference_requests, args.prompt_len, 32000, 7), args.new_tokens)["decode_tps"])
+            for b in sizes:
+                prompts = random_prompts(b, args.prompt_len, 32000, b)
+                eng = time_engine(llm, prompts, args.new_tokens)
+                engine[b].append(eng["decode_tps"])
+                ttft[b].append(eng["ttft"])
+                hf_tps[b].append(time_hf(hf, prompts, args.new_tokens) if hf is not None else float("nan"))
+        ref = max(reference)
+        print(f"\n## {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB "
+              f"(best of {args.repeats} rounds)")
+        print("| batch | r1kit engine tok/s | reference loop tok/s (sequential) | engine/reference | transformers tok/s | engine/transformers | engine TTFT s |")
+        print("|---|---|---|---|---|---|---|")
+        for b in sizes:
+            e, h = max(engine[b]), max(hf_tps[b])
+            print(f"| {b} | {e:.1f} | {ref:.1f} | {e / ref:.2f}x | {h:.1f} | {e / h:.2f}x | {min(ttft[b]):.3f} |")
+        if 1 in sizes:
+            achieved = nbytes * max(engine[1])
+            print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy bandwidth (read + write)")
+        if args.prefix_len:
+            cold, cached, hit = time_prefix_ttft(llm, args.prefix_len, 32000, 0)
+            print(f"TTFT of a {args.prefix_len}-token prompt: cold {cold:.3f} s, cached ({hit} tokens hit) {cached:.4f} s -> {cold / cached:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
