@@ -14,15 +14,6 @@ from r1kit.model import R1kitForCausalLM
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs stall for milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def prompts_of(lengths, vocab=61, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

@@ -13,15 +13,6 @@ from r1kit.infer.sampling import apply_logit_bias, apply_presence_frequency
 from r1kit.model import R1kitForCausalLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs stall for milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_presence_and_frequency_penalties_hit_the_right_tokens():
     logits = torch.randn(10)
     out_ids = [3, 3, 7, 3, 1]

@@ -21,8 +21,6 @@ import torch
 from r1kit.infer.sampling import (
     apply_logit_bias,
     apply_presence_frequency,
-    apply_repetition_penalty,
-    filter_logits,
     sample_next,
 )
 from r1kit.infer.sequence import Sequence
@@ -100,7 +98,7 @@ def sample(
         batch = torch.stack([process_row(logits[i], seqs[i], special) for i in rows])
         seen = _seen([seqs[i] for i in rows], params.repetition_penalty, batch.device)
         generator = seqs[rows[0]].generator if len(rows) == 1 else None
-        picked = (sample_next(batch, params, seen, generator) if generator is not None else _sample_shared(batch, params, seen)).tolist()
+        picked = sample_next(batch, params, seen, generator).tolist()
         for i, t in zip(rows, picked):
             tokens[i] = int(t)
     results: list[tuple[int, dict[int, Logprob] | None]] = []
@@ -110,21 +108,6 @@ def sample(
             entry = logprob_entry(logits[i], tokens[i], seq.params.logprobs, decode)
         results.append((tokens[i], entry))
     return results
-
-
-def _sample_shared(logits: torch.Tensor, params, seen: torch.Tensor) -> torch.Tensor:
-    """:func:`sample_next` for rows without a generator, drawing only among the tokens the filters
-    kept (the same distribution; multinomial over the whole vocabulary costs more than the model at
-    small batch)."""
-    logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if params.greedy:
-        return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-    kept = int(torch.isfinite(logits).sum(-1).max())
-    if kept == logits.shape[-1]:
-        return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
-    values, ids = logits.topk(kept, dim=-1)
-    return ids.gather(-1, torch.multinomial(values.softmax(-1), 1)).squeeze(-1)
 
 
 def _seen(seqs: list[Sequence], penalty: float, device: torch.device) -> torch.Tensor:

@@ -130,7 +130,13 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
     if params.greedy:
         return logits.argmax(-1)
     logits = filter_logits(_finite(logits / params.temperature), params.top_k, params.top_p, params.min_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    kept = int(torch.isfinite(logits).sum(-1).max())
+    if kept == logits.shape[-1]:
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    # draw among the kept tokens only: the same distribution, and multinomial over the whole
+    # vocabulary costs more than a small model's decode step
+    values, ids = logits.topk(kept, dim=-1)
+    return ids.gather(-1, torch.multinomial(values.softmax(-1), 1, generator=generator)).squeeze(-1)
 
 
 def _finite(logits: torch.Tensor) -> torch.Tensor:

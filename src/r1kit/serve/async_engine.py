@@ -106,7 +106,11 @@ class AsyncEngine:
                 self.last_beat = time.monotonic()
                 self._drain_commands()
                 if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
+                    try:
+                        outputs = self.engine.step()
+                    except Exception as exc:  # fail the step's requests, keep serving the next ones
+                        self._fail_all(exc)
+                        continue
                     for out in outputs:
                         self._deliver(out.request_id, out)
                     if self.observer is not None:
@@ -114,11 +118,16 @@ class AsyncEngine:
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
-        except BaseException as exc:  # a broken engine fails every waiting request, and /health says so
+        except BaseException as exc:  # anything else breaks the loop: fail every waiting request, /health says so
             self.error = exc
             for request_id in list(self._streams):
                 self._deliver(request_id, RuntimeError(f"the engine failed: {exc!r}"))
             raise
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, RuntimeError(f"the engine failed on this request's step: {exc!r}"))
 
     def _drain_commands(self) -> None:
         while True:
