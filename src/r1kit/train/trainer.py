@@ -127,7 +127,8 @@ class Trainer:
         self.model.gradient_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap(self.model, self.dist)
         self.optimizer = torch.optim.AdamW(
-            decay_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps
+            decay_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
+            fused=self.dist.tp == 1,  # one kernel per step instead of a chain of foreach ops; DTensor needs foreach
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.controller = SparsityController(self.model, config.sparsity_control) if self.model.topk_layers() and config.sparsity_control else None
