@@ -189,6 +189,20 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
+def check_weights(path: Path, expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], tied: bool, optional: set[str] = frozenset()) -> None:
+    """Every weight the model needs is there with its shape, and nothing else is; else one clear error."""
+    missing = sorted(k for k in expected if k not in state and k not in optional and not (tied and k == "lm_head.weight"))
+    unexpected = sorted(k for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq"))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: weights do not match config.json; missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
+        )
+    for key, tensor in expected.items():
+        if key in state and state[key].shape != tensor.shape:
+            raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, config.json implies {tuple(tensor.shape)}")
+
+
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Build the r1kit model from a checkpoint directory; ``dtype`` defaults to the checkpoint's own."""
     from r1kit.model.rope import RotaryEmbedding
@@ -208,16 +222,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     with torch.device("meta"):
         model = R1kitForCausalLM(config)
     expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in state and not (config.tie_embeddings and k == "lm_head.weight"))
-    unexpected = sorted(k for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq"))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match config.json; missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
-        )
-    for key, tensor in expected.items():
-        if key in state and state[key].shape != tensor.shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, config.json implies {tuple(tensor.shape)}")
+    check_weights(path, expected, state, config.tie_embeddings)
     target = dtype or DTYPES.get(config.torch_dtype, torch.float32)
     state = {k: v.to(device=device, dtype=target) for k, v in state.items() if k in expected}
     model.load_state_dict(state, strict=False, assign=True)

@@ -109,7 +109,7 @@ def expected_shapes(in_features: int, out_features: int, group_size: int, bits: 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Build the r1kit model with :class:`Int4Linear` layers from a GPTQ checkpoint directory."""
-    from r1kit.model.hf import DTYPES, load_config, read_safetensors
+    from r1kit.model.hf import DTYPES, check_weights, load_config, read_safetensors
     from r1kit.model.rope import RotaryEmbedding
     from r1kit.model.transformer import R1kitForCausalLM
 
@@ -135,17 +135,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         _swap_in_int4(model, name, state, qconfig, path)
 
     expected = model.state_dict()
-    optional = {f"{n}.g_idx" for n in quantized}
-    missing = sorted(k for k in expected if k not in state and k not in optional and not (model_config.tie_embeddings and k == "lm_head.weight"))
-    unexpected = sorted(k for k in state if k not in expected and not k.endswith("rotary_emb.inv_freq"))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not match config.json; missing {missing[:8]}{'…' if len(missing) > 8 else ''}, "
-            f"unexpected {unexpected[:8]}{'…' if len(unexpected) > 8 else ''}"
-        )
-    for key, tensor in expected.items():
-        if key in state and state[key].shape != tensor.shape:
-            raise CheckpointError(f"{path}: {key} has shape {tuple(state[key].shape)}, config.json implies {tuple(tensor.shape)}")
+    check_weights(path, expected, state, model_config.tie_embeddings, optional={f"{n}.g_idx" for n in quantized})
     for name in quantized:
         if f"{name}.g_idx" not in state:  # some writers omit it: groups in input order
             layer = model.get_submodule(name)
