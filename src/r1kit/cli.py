@@ -15,6 +15,7 @@ from r1kit.errors import R1kitError
 
 # verb -> (module, one-line help). Order is the order users meet them in.
 VERBS: dict[str, tuple[str, str]] = {
+    "quickstart": ("r1kit.quickstart", "the whole reproduction on the embedded corpus: prepare, train, quantize, evaluate, report"),
     "prepare": ("r1kit.data.cli", "clean, filter, deduplicate and tokenize a corpus into training shards"),
     "init": ("r1kit.model.init_cli", "create a randomly initialised model directory from a config"),
     "train": ("r1kit.train.cli", "train a model on token shards (single process or under torchrun)"),

@@ -227,7 +227,7 @@ class Trainer:
                     **({k: v for k, v in last_val.items() if k != "step"} if last_val.get("step") == self.state.step else {}),
                 }  # fmt: skip
                 self._write_metrics(record)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}", mem=f"{record['peak_mem_mb']:.0f}MB")
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}", mem=f"{record['peak_mem_mb']:.0f}MB", refresh=False)
             bar.update(1)
             if self.state.step % cfg.save_every == 0:
                 self.save()
@@ -384,4 +384,9 @@ def _tensorboard(path: Path):
 def _progress(initial: int, total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled or os.environ.get("R1KIT_NO_PROGRESS") == "1", dynamic_ncols=True)
+    import sys
+
+    # a log file (CI, nohup) gets a line every 30 s, not one per step
+    interval = 0.5 if sys.stderr.isatty() else 30.0
+    return tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=interval,
+                disable=not enabled or os.environ.get("R1KIT_NO_PROGRESS") == "1", dynamic_ncols=True)  # fmt: skip
