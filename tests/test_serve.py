@@ -103,9 +103,15 @@ def test_health_is_503_while_loading_and_models_list(server):
     async def loading():
         app = build_app(ServerState(model_name="m"))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return (await c.get("/health")).status_code, (await c.post("/v1/completions", json={"prompt": "x"})).status_code
+            return [
+                (await c.get("/health")).status_code,
+                (await c.post("/v1/completions", json={"prompt": "x"})).status_code,
+                (await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})).status_code,
+                (await c.post("/tokenize", json={"prompt": "x"})).status_code,
+                (await c.post("/detokenize", json={"tokens": [1]})).status_code,
+            ]
 
-    assert asyncio.run(loading()) == (503, 503)
+    assert asyncio.run(loading()) == [503] * 5
     assert httpx.get(server + "/health").json() == {"status": "ok"}
     assert [m["id"] for m in httpx.get(server + "/v1/models").json()["data"]] == ["tiny-r1"]
 
@@ -169,6 +175,14 @@ def test_logprobs_and_lm_eval_loglikelihood(client, model_dir, server):
         assert lp[pos] == pytest.approx(float(expected[pos - 1, ids[pos]]), abs=1e-4)
 
 
+def test_streamed_completion_logprobs_equal_the_whole_response(client):
+    body = dict(model="tiny-r1", prompt="import sys", max_tokens=6, temperature=0, logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**body).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**body, stream=True) if c.choices and c.choices[0].logprobs]
+    streamed = [lp for chunk in chunks for lp in chunk.token_logprobs]
+    assert streamed == pytest.approx(whole.token_logprobs) and len(streamed) == 6
+
+
 def test_tokenize_detokenize(server):
     ids = httpx.post(server + "/tokenize", json={"prompt": "hello world"}).json()["tokens"]
     assert httpx.post(server + "/detokenize", json={"tokens": ids}).json()["prompt"] == "hello world"
@@ -187,6 +201,10 @@ def test_tokenize_detokenize(server):
         ({"prompt": "x " * 600}, "prompt"),
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"prompt": 5}, "prompt"),
+        ({"min_tokens": 100}, "min_tokens"),
+        ({"seed": -1}, "seed"),
+        ({"logit_bias": {"--5": 1}}, "logit_bias"),
+        ({"logit_bias": {"999999": 5}}, "logit_bias"),
     ],
 )
 def test_bad_requests_are_400s_naming_the_field(server, body, param):
@@ -313,7 +331,7 @@ def test_engine_loop_survives_a_failing_step(model_dir):
     loop.start()
 
     async def run(prompt):
-        return [out async for out in loop.generate(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))]
+        return [out async for out in await loop.submit(prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))]
 
     try:
         with pytest.raises(RuntimeError, match="injected"):

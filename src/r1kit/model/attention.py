@@ -140,7 +140,7 @@ class Attention(nn.Module):
             gate_out = self.num_heads if config.hybrid_gate == "head" else 1
             self.gate = nn.Sequential(nn.Linear(d, d // 4), nn.SiLU(), nn.Linear(d // 4, gate_out))
         self.gate_override: float | None = None  # tests and ablations pin the gate to 0 (global) or 1 (local)
-        self.last_gate_mean: float | None = None
+        self.last_gate_mean: torch.Tensor | None = None
         self.tp: "TensorParallelShard | None" = None  # set by r1kit.train.parallel.apply_tp
 
     def forward(
@@ -193,7 +193,8 @@ class Attention(nn.Module):
         if self.gate_override is not None:
             return torch.full((x.shape[0], 1, x.shape[1], 1), self.gate_override, dtype=q.dtype, device=q.device)
         g = torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
-        self.last_gate_mean = float(g.detach().float().mean())
+        if self.training:  # a tensor, read by the trainer's logging: no device sync on every forward
+            self.last_gate_mean = g.detach().float().mean()
         if self.tp is not None:
             g = self.tp.local_gate(g, q.shape[1])
         return g

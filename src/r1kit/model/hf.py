@@ -255,8 +255,8 @@ def save_model(model, path: str | Path, max_shard_bytes: int = 5 * 2**30, state:
     config = dataclasses.replace(model.config, torch_dtype=dtype_name)
     metadata = {"format": "pt"}
     if len(shards) == 1:
+        (path / "model.safetensors.index.json").unlink(missing_ok=True)  # first: the loader prefers an index
         _atomic_save(shards[0], path / "model.safetensors", metadata)
-        (path / "model.safetensors.index.json").unlink(missing_ok=True)
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for shard, name in zip(shards, names):

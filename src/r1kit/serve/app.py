@@ -9,7 +9,9 @@ translates between HTTP and the engine; it never samples or schedules.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,10 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r1kit.errors import R1kitError
 from r1kit.infer.outputs import RequestOutput
-from r1kit.serve.async_engine import AsyncEngine, QueueFull
+from r1kit.serve.async_engine import AsyncEngine, EngineUnavailable, QueueFull
 from r1kit.serve.chat_template import ChatTemplate
 from r1kit.serve.metrics import ServerMetrics
-from r1kit.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from r1kit.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, template_messages
 from r1kit.serve.reasoning import ReasoningStream, split_reasoning
 
 
@@ -62,6 +64,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def _api_error(_, exc: APIError):
         return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
 
+    @app.exception_handler(R1kitError)
+    async def _r1kit_error(_, exc: R1kitError):
+        return error_response(400, str(exc), "invalid_request_error", _param_of(str(exc)))
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
@@ -78,7 +84,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.middleware("http")
     async def _guard(request: Request, call_next):
         path = request.url.path
-        if state.api_key and path not in ("/health", "/metrics") and request.headers.get("authorization") != f"Bearer {state.api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if state.api_key and path not in ("/health", "/metrics") and not hmac.compare_digest(given, f"Bearer {state.api_key}".encode()):
             return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
@@ -105,15 +112,17 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         _check_model(state, body.model)
+        engine = _engine(state)  # 503 while loading: the tokenizer arrives with the engine
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        text = body.prompt if body.prompt is not None else _render(state, [{"role": m.role, "content": m.text()} for m in body.messages])
+        text = body.prompt if body.prompt is not None else _render(state, template_messages(body.messages))
         ids = state.tokenizer.encode(text, add_special_tokens=body.add_special_tokens).ids
-        return {"tokens": ids, "count": len(ids), "max_model_len": _engine(state).engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         _check_model(state, body.model)
+        _engine(state)
         vocab = state.tokenizer.get_vocab_size()
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
@@ -128,6 +137,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest):
         _check_model(state, body.model)
+        _engine(state)
         return await _chat(state, body)
 
     return app
@@ -159,29 +169,31 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[
     return usage
 
 
-async def _submit(state: ServerState, prompt, params) -> AsyncIterator[RequestOutput]:
-    """Start a request and wait until the engine accepted it, so validation errors become 400s."""
-    stream = _engine(state).generate(prompt, params)
-    try:
-        first = await stream.__anext__()
-    except QueueFull as exc:
-        raise APIError(503, str(exc), "service_unavailable") from None
-    except R1kitError as exc:
-        raise APIError(400, str(exc), param=_param_of(str(exc))) from None
+async def _submit(state: ServerState, prompts: list, params) -> list[AsyncIterator[RequestOutput]]:
+    """Hand every prompt to the engine together (they prefill in the same steps) and wait until all
+    are accepted, so validation errors become 400s; if one is refused, the others are aborted."""
+    engine = _engine(state)
+    results = await asyncio.gather(*(engine.submit(p, params) for p in prompts), return_exceptions=True)
+    failure = next((r for r in results if isinstance(r, BaseException)), None)
+    if failure is None:
+        return list(results)
+    for r in results:
+        if not isinstance(r, BaseException):
+            await r.aclose()
+    if isinstance(failure, (QueueFull, EngineUnavailable)):
+        raise APIError(503, str(failure), "service_unavailable") from None
+    if isinstance(failure, R1kitError):
+        raise APIError(400, str(failure), param=_param_of(str(failure))) from None
+    raise failure
 
-    async def rest() -> AsyncIterator[RequestOutput]:
-        yield first
-        async for out in stream:
-            yield out
 
-    return rest()
+PARAMS = ("max_tokens", "min_tokens", "prompt", "temperature", "top_p", "top_k", "min_p", "stop_token_ids", "stop", "logprobs",
+          "logit_bias", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "thinking_budget", "messages", "n")  # fmt: skip
 
 
 def _param_of(message: str) -> str | None:
-    for name in ("max_tokens", "prompt", "temperature", "top_p", "top_k", "stop", "n", "logprobs", "logit_bias"):
-        if name in message:
-            return name
-    return None
+    """The request field an engine error names (whole words; the one-letter "n" last)."""
+    return next((name for name in PARAMS if re.search(rf"\b{name}\b", message)), None)
 
 
 async def _final(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
@@ -199,6 +211,8 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         try:
             async for out in stream:
                 await queue.put((i, out))
+        except Exception as exc:  # noqa: BLE001 (handed to the consumer, which re-raises it)
+            await queue.put((i, exc))
         finally:
             await queue.put((i, None))
 
@@ -209,6 +223,8 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             i, out = await queue.get()
             if out is None:
                 remaining -= 1
+            elif isinstance(out, Exception):
+                raise out
             else:
                 yield i, out
     finally:
@@ -270,7 +286,7 @@ async def _completions(state: ServerState, body: CompletionRequest):
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = [await _submit(state, p, params) for p in body.prompts()]
+    streams = await _submit(state, body.prompts(), params)
     created = int(time.time())
 
     if body.stream:
@@ -278,6 +294,7 @@ async def _completions(state: ServerState, body: CompletionRequest):
         async def events():
             usage_prompt, usage_completion = 0, 0
             echoed: set[int] = set()
+            offsets: dict[int, int] = {}  # text offset of each choice, for the logprobs' text_offset
             async for i, out in _merge(streams):
                 for c in out.outputs:
                     index = i * body.n + c.index
@@ -285,12 +302,17 @@ async def _completions(state: ServerState, body: CompletionRequest):
                     if body.echo and index not in echoed:
                         echoed.add(index)
                         text = (out.prompt or state.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)) + text
-                    if not text and c.finish_reason is None:
-                        continue
+                    if not text and c.finish_reason is None and not (body.logprobs is not None and c.delta_token_ids):
+                        continue  # nothing new (a token that ends mid-character shows with the next one)
+                    logprobs = None
+                    if body.logprobs is not None and c.logprobs and c.delta_token_ids and not echo_only:
+                        fresh = len(c.delta_token_ids)
+                        logprobs = _completion_logprobs(state, c.delta_token_ids, c.logprobs[-fresh:], offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + len(text)
                     yield _sse(
                         {
                             "id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
-                            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": c.finish_reason}],
+                            "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}],
                         }
                     )  # fmt: skip
                 if out.finished:
@@ -333,14 +355,14 @@ async def _completions(state: ServerState, body: CompletionRequest):
 
 # -- /v1/chat/completions ----------------------------------------------------------------------------
 async def _chat(state: ServerState, body: ChatCompletionRequest):
-    prompt = _render(state, body.template_messages(), body.add_generation_prompt)
+    prompt = _render(state, template_messages(body.messages), body.add_generation_prompt)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
         engine = _engine(state).engine
         max_tokens = max(1, engine.max_model_len - len(state.tokenizer.encode(prompt, add_special_tokens=False).ids))
     top_n = body.top_logprobs or 0
     params = body.sampling(max_tokens, top_n if body.logprobs else None, None)
-    stream = await _submit(state, prompt, params)
+    (stream,) = await _submit(state, [prompt], params)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     reasoning = state.reasoning

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
-import time
 import uuid
 from typing import AsyncIterator
 
@@ -22,6 +22,10 @@ from r1kit.infer.sampling import SamplingParams
 
 class QueueFull(R1kitError):
     """Too many requests are waiting; the server answers 503 and the client retries later."""
+
+
+class EngineUnavailable(R1kitError):
+    """The engine loop is not running (stopped, or broken by an error); the server answers 503."""
 
 
 _ACCEPTED = object()
@@ -42,7 +46,6 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="r1kit-engine", daemon=True)
-        self.last_beat = time.monotonic()
         self.error: BaseException | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -50,53 +53,63 @@ class AsyncEngine:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loop; requests still waiting get an error instead of waiting forever."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
+        self._fail_waiting(EngineUnavailable("the server is shutting down"))
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    @property
-    def num_requests(self) -> int:
-        return len(self._streams)
-
     # -- requests ---------------------------------------------------------------------------------
-    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Submit a request; yields its outputs (cumulative, with deltas) until it finishes.
+    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Hand a request to the engine and wait only until it is accepted; returns its outputs
+        (cumulative, with deltas) as an async iterator. Closing the iterator early aborts the request.
 
-        Raises the engine's validation error (a prompt too long, …) before yielding anything, and
-        :class:`QueueFull` when ``max_waiting`` requests are already in flight.
+        Raises the engine's validation error (a prompt too long, …), :class:`QueueFull` when
+        ``max_waiting`` requests are in flight, :class:`EngineUnavailable` when the loop is down.
         """
         if len(self._streams) >= self.max_waiting:
             raise QueueFull(f"{len(self._streams)} requests are in flight (the limit is {self.max_waiting}); retry later")
-        if not self.alive:
-            raise RuntimeError("the engine loop is not running")
         request_id = request_id or uuid.uuid4().hex
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if not self.alive:  # checked after registering: a loop that dies later fails this stream itself
+            self._streams.pop(request_id, None)
+            raise EngineUnavailable("the engine loop is not running")
         self._commands.put(("add", request_id, prompt, params))
         self._wake.set()
-        finished = False
         try:
             first = await stream.get()
-            if isinstance(first, BaseException):
-                raise first
-            assert first is _ACCEPTED
-            while True:
+        except BaseException:
+            self._cancel(request_id)
+            raise
+        if isinstance(first, BaseException):
+            self._streams.pop(request_id, None)
+            raise first
+        return self._follow(request_id, stream)
+
+    async def _follow(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._commands.put(("abort", request_id))
-                self._wake.set()
+            if finished:
+                self._streams.pop(request_id, None)
+            else:
+                self._cancel(request_id)
+
+    def _cancel(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self._commands.put(("abort", request_id))
+        self._wake.set()
 
     # -- the engine thread ------------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
@@ -119,30 +132,41 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                self.last_beat = time.monotonic()
                 self._drain_commands()
                 if self.engine.has_unfinished_requests():
                     try:
                         outputs = self.engine.step()
-                    except Exception as exc:  # fail the step's requests, keep serving the next ones
+                    except Exception as exc:  # fail these requests, keep serving the next ones
                         self._fail_all(exc)
                         continue
                     self._deliver_many(outputs)
-                    if self.observer is not None:
-                        self.observer.on_step(self.engine, outputs)
+                    self._observe("on_step", outputs)
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
         except BaseException as exc:  # anything else breaks the loop: fail every waiting request, /health says so
             self.error = exc
-            for request_id in list(self._streams):
-                self._deliver(request_id, RuntimeError(f"the engine failed: {exc!r}"))
+            self._fail_waiting(EngineUnavailable(f"the engine failed: {exc!r}"))
             raise
 
+    def _observe(self, event: str, *args) -> None:
+        # metrics must never take the engine down
+        if self.observer is not None:
+            try:
+                getattr(self.observer, event)(self.engine, *args)
+            except Exception as exc:  # noqa: BLE001
+                print(f"r1kit serve: metrics observer failed: {exc!r}", file=sys.stderr)
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        for request_id in list(self._streams):
+            self._deliver(request_id, exc)
+
     def _fail_all(self, exc: Exception) -> None:
+        """A step raised: every request the engine holds (running or queued) fails and is dropped."""
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, RuntimeError(f"the engine failed on this request's step: {exc!r}"))
+            self._deliver(request_id, RuntimeError(f"the engine failed on a step with this request: {exc!r}"))
+        self._observe("on_abort")
 
     def _drain_commands(self) -> None:
         while True:
@@ -151,8 +175,8 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "abort":
-                if self.engine.abort(command[1]) and self.observer is not None:
-                    self.observer.on_abort(self.engine)
+                if self.engine.abort(command[1]):
+                    self._observe("on_abort")
                 continue
             _, request_id, prompt, params = command
             if request_id not in self._streams:  # the client left before the engine saw it
@@ -161,5 +185,7 @@ class AsyncEngine:
                 self.engine.add_request(request_id, prompt, params)
             except R1kitError as exc:
                 self._deliver(request_id, exc)
+            except Exception as exc:  # noqa: BLE001 (one bad request must not stop the loop)
+                self._deliver(request_id, RuntimeError(f"the engine could not take the request: {exc!r}"))
             else:
                 self._deliver(request_id, _ACCEPTED)

@@ -34,7 +34,7 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -46,8 +46,10 @@ class _Sampling(BaseModel):
     @classmethod
     def _bias_keys_are_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            try:
+                int(key)
+            except ValueError:
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}") from None
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
@@ -127,9 +129,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
 
-    def template_messages(self) -> list[dict[str, str]]:
-        # "developer" is OpenAI's newer name for the system role
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
 
 
 class TokenizeRequest(BaseModel):
@@ -144,3 +143,8 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[int]
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates take them; "developer" is OpenAI's newer name for the system role."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]

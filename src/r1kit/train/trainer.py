@@ -265,7 +265,8 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                self.state.micro_batch_size //= 2
+                # the largest micro-batch up to half the current one that divides the step's batch exactly
+                self.state.micro_batch_size = max(d for d in range(1, self.state.micro_batch_size // 2 + 1) if total % d == 0)
                 self.state.grad_accum = total // self.state.micro_batch_size
                 self.log(
                     f"out of memory at step {self.state.step}: micro-batch -> {self.state.micro_batch_size}, "
@@ -299,7 +300,7 @@ class Trainer:
         """Mean loss and perplexity over the first ``eval_batches`` blocks of the validation split."""
         self.model.eval()
         n = min(len(self.val), self.config.eval_batches * self.config.micro_batch_size)
-        losses = []
+        total_loss, total_tokens = 0.0, 0
         dtype = AUTOCAST[self.config.precision]
         for lo in range(0, n, self.config.micro_batch_size):
             pairs = [self.val[i] for i in range(lo, min(n, lo + self.config.micro_batch_size))]
@@ -307,10 +308,11 @@ class Trainer:
             y = torch.from_numpy(np.stack([p[1] for p in pairs])).to(self.device)
             with torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext():
                 logits = self.model(x)
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item() / y.numel())
+            total_loss += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
+            total_tokens += y.numel()
         self.model.train()
-        val_loss = float(np.mean(losses)) if losses else float("nan")
-        return {"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if losses else float("nan")}
+        val_loss = total_loss / total_tokens if total_tokens else float("nan")
+        return {"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if total_tokens else float("nan")}
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self) -> None:
@@ -350,7 +352,7 @@ class Trainer:
     def _gate_means(self) -> dict[str, float]:
         """Mean local-branch weight of each hybrid layer in the last forward (1 = all local)."""
         return {
-            str(i): round(layer.self_attn.last_gate_mean, 4)
+            str(i): round(float(layer.self_attn.last_gate_mean), 4)
             for i, layer in enumerate(self.model.model.layers)
             if layer.self_attn.last_gate_mean is not None
         }
