@@ -47,3 +47,33 @@ def test_quickstart_runs_every_stage_resumes_and_reproduces(tmp_path):
         assert (tmp_path / "a" / "data" / "shards" / name).read_bytes() == (tmp_path / "b" / "data" / "shards" / name).read_bytes()
     losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "train" / "metrics.jsonl").read_text().splitlines()[:3]] for run in "ab"]
     assert losses[0] == losses[1]
+
+
+def test_report_renders_with_its_plots_in_headless_chromium(tmp_path):
+    """Render report.html in a real browser: the plots must load (coloured curves), not broken-image icons."""
+    import shutil
+
+    import matplotlib.image
+    import pytest
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (.ci/run installs it)")
+    run = quickstart(tmp_path / "q")
+    assert run.returncode == 0, run.stderr[-3000:]
+    shots = {}
+    for name in ("report", "broken"):
+        page = tmp_path / "q" / "report.html"
+        if name == "broken":  # the same page with every image path broken: what a failed load looks like
+            page = tmp_path / "q" / "broken.html"
+            page.write_text((tmp_path / "q" / "report.html").read_text().replace('src="', 'src="missing-'))
+        shot = tmp_path / f"{name}.png"
+        subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri()],
+            capture_output=True, timeout=120,
+        )  # fmt: skip
+        pixels = matplotlib.image.imread(shot)[..., :3]
+        coloured = (pixels.max(-1) - pixels.min(-1)) > 0.25  # saturated pixels: the plots' blue/orange curves
+        shots[name] = coloured.mean()
+    assert shots["report"] > 0.002 and shots["report"] > 5 * shots["broken"], shots
