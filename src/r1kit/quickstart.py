@@ -102,7 +102,8 @@ def stage_evaluate(args, out: Path) -> dict[str, Any]:
     from r1kit.model.hf import load_model
     from r1kit.train.eval_cli import blocks_from, perplexity
 
-    blocks = blocks_from(str(out / "data" / "shards"), str(out / "train" / "model"), 128, 16 if args.small else 64)
+    # the blocks the trainer validated on (8 batches of 16 at 128 tokens in tiny-cpu): the fp32 row matches its figure
+    blocks = blocks_from(str(out / "data" / "shards"), str(out / "train" / "model"), 128, 16 if args.small else 128)
     result = {}
     for name, folder in _models(out).items():
         result[name] = perplexity(load_model(folder, dtype=torch.float32), blocks, buckets=4, batch_size=4)
