@@ -109,6 +109,10 @@ def test_resume_continues_the_same_loss_curve(shards, tmp_path):
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert [r["sparsity"] for r in resumed] == [r["sparsity"] for r in straight]
+    from r1kit.model import load_model
+
+    exported = load_model(tmp_path / "killed" / "model")  # the sparsity the controller reached travels with the model
+    assert {str(i): round(f.sparsity, 4) for i, f in exported.topk_layers()} == resumed[-1]["sparsity"]
 
 
 def test_training_learns_and_the_cli_trains_and_evaluates(shards, tmp_path):

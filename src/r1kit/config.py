@@ -101,7 +101,7 @@ class ModelConfig:
     hybrid_global: str = "full"
     hybrid_compress_block: int = 32
     hybrid_gate_threshold: float | None = None
-    topk_sparsity: float = 0.6
+    topk_sparsity: float | tuple[float, ...] = 0.6  # one value, or one per layer (what training's controller reached)
     topk_gradient: str = "ste"
     topk_gather_max_tokens: int = 4
     bos_token_id: int | None = None
@@ -144,8 +144,13 @@ class ModelConfig:
             raise ConfigError(f"norm_eps={self.norm_eps} must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout} must be in [0, 1)")
-        if not 0.0 <= self.topk_sparsity < 1.0:
-            raise ConfigError(f"topk_sparsity={self.topk_sparsity} must be in [0, 1): it is the fraction of FFN neurons switched off")
+        if isinstance(self.topk_sparsity, (list, tuple)):
+            set_("topk_sparsity", tuple(float(v) for v in self.topk_sparsity))
+            if len(self.topk_sparsity) != self.num_layers:
+                raise ConfigError(f"topk_sparsity lists {len(self.topk_sparsity)} values; give one, or one per layer ({self.num_layers})")
+        for value in self.topk_sparsity if isinstance(self.topk_sparsity, tuple) else (self.topk_sparsity,):
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"topk_sparsity={value} must be in [0, 1): it is the fraction of FFN neurons switched off")
         if not 1 <= self.local_window <= self.max_local_window:
             raise ConfigError(f"local_window={self.local_window} must be between 1 and max_local_window={self.max_local_window}")
         if self.window_growth_ratio < 1:
@@ -177,6 +182,10 @@ class ModelConfig:
     @property
     def kv_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def sparsity_for(self, layer_idx: int) -> float:
+        """The Top-K sparsity of layer ``layer_idx``."""
+        return self.topk_sparsity[layer_idx] if isinstance(self.topk_sparsity, tuple) else self.topk_sparsity
 
     def window_for(self, length: int) -> int:
         """Local attention window for a request of ``length`` tokens.
@@ -210,6 +219,8 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         out["attention"] = list(self.attention)
         out["ffn"] = list(self.ffn)
+        if isinstance(self.topk_sparsity, tuple):
+            out["topk_sparsity"] = list(self.topk_sparsity)
         if isinstance(self.eos_token_id, tuple):
             out["eos_token_id"] = list(self.eos_token_id)
         return out

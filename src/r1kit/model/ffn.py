@@ -65,9 +65,9 @@ class DenseFFN(nn.Module):
 class TopKFFN(DenseFFN):
     """The Top-K sparse FFN; ``sparsity`` is the fraction of neurons switched off for each token."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__(config)
-        self.sparsity = config.topk_sparsity
+        self.sparsity = config.sparsity_for(layer_idx)
         self.gradient = config.topk_gradient
         self.gather_max_tokens = config.topk_gather_max_tokens
         self.last_retained: torch.Tensor | None = None  # share of |activation| mass kept, for the controller
@@ -153,4 +153,4 @@ class TopKFFN(DenseFFN):
 
 
 def build_ffn(config: ModelConfig, layer_idx: int) -> DenseFFN:
-    return TopKFFN(config) if config.ffn[layer_idx] == "topk" else DenseFFN(config)
+    return TopKFFN(config, layer_idx) if config.ffn[layer_idx] == "topk" else DenseFFN(config)

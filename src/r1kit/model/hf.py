@@ -142,6 +142,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     out["r1kit"]["attention"] = list(config.attention)
     out["r1kit"]["ffn"] = list(config.ffn)
+    if isinstance(config.topk_sparsity, tuple):
+        out["r1kit"]["topk_sparsity"] = list(config.topk_sparsity)
     return {k: v for k, v in out.items() if v is not None or k in ("rope_scaling", "pad_token_id")}
 
 
@@ -252,7 +254,11 @@ def save_model(model, path: str | Path, max_shard_bytes: int = 5 * 2**30, state:
         shards[-1][key] = state[key]
         size += nbytes
     dtype_name = next((n for n, d in DTYPES.items() if d == model.dtype), "float32")
-    config = dataclasses.replace(model.config, torch_dtype=dtype_name)
+    # the sparsity each Top-K layer runs at now (training's controller moves it) is part of the model
+    sparsity = tuple(getattr(layer.mlp, "sparsity", model.config.sparsity_for(i)) for i, layer in enumerate(model.model.layers))
+    config = dataclasses.replace(
+        model.config, torch_dtype=dtype_name, topk_sparsity=sparsity[0] if len(set(sparsity)) == 1 else sparsity
+    )
     metadata = {"format": "pt"}
     if len(shards) == 1:
         (path / "model.safetensors.index.json").unlink(missing_ok=True)  # first: the loader prefers an index
