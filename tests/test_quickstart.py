@@ -9,7 +9,7 @@ import sys
 
 def quickstart(out, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "r1kit.cli", "quickstart", "--small", "--minutes", "0.1", "--out", str(out), *extra],
+        [sys.executable, "-m", "r1kit.cli", "quickstart", "--small", "--out", str(out), *extra],
         capture_output=True, text=True, timeout=600, env={**os.environ, "R1KIT_NO_PROGRESS": "1"},
     )  # fmt: skip
 

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/quickstart", help="folder for every stage's outputs and the report (default runs/quickstart)")
     parser.add_argument("--minutes", type=float, default=8.0, help="training time budget in minutes (default 8)")
     parser.add_argument("--config", default=None, help="run config for training (default: configs/tiny-cpu.yaml of this checkout)")
-    parser.add_argument("--small", action="store_true", help="a small slice of the corpus and short stages (the CI run)")
+    parser.add_argument("--small", action="store_true", help="a small slice of the corpus, a small model and 120 training steps (the CI run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--serve", action="store_true", help="finally serve the quantized model and print curl/openai examples")
     parser.add_argument("--port", type=int, default=8080, help="port for --serve (default 8080)")
@@ -67,7 +67,8 @@ def stage_train(args, out: Path) -> dict[str, Any]:
         config = out / "train-small.yaml"
         config.write_text(json.dumps(raw))
     _cli("train", "--config", config, "--data", out / "data" / "shards", "--out", out / "train", "--max-minutes", args.minutes,
-         "--seed", args.seed, "--resume", *(["--eval-every", "20", "--save-every", "20", "--log-every", "5"] if args.small else []))  # fmt: skip
+         "--seed", args.seed, "--resume",
+         *(["--max-steps", "120", "--eval-every", "20", "--save-every", "20", "--log-every", "5"] if args.small else []))  # fmt: skip
     return json.loads((out / "train" / "summary.json").read_text())
 
 
