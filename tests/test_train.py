@@ -174,7 +174,8 @@ def test_two_processes_on_gloo_match_one_process(shards, tmp_path, mode):
 @pytest.mark.parametrize("attention,ffn,gate", [("hybrid", "topk", "head"), ("hybrid", "topk", "token"), ("global", "dense", "token")])
 def test_tensor_parallel_step_matches_one_device(attention, ffn, gate):
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541", "tests/tp_worker.py", attention, ffn, gate],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(29541 + len(attention + ffn + gate)),
+         "tests/tp_worker.py", attention, ffn, gate],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
