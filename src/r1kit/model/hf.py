@@ -207,7 +207,6 @@ def check_weights(path: Path, expected: dict[str, torch.Tensor], state: dict[str
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Build the r1kit model from a checkpoint directory; ``dtype`` defaults to the checkpoint's own."""
-    from r1kit.model.rope import RotaryEmbedding
     from r1kit.model.transformer import R1kitForCausalLM
 
     path = Path(path)
@@ -226,11 +225,17 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     expected = model.state_dict()
     check_weights(path, expected, state, config.tie_embeddings)
     target = dtype or DTYPES.get(config.torch_dtype, torch.float32)
-    state = {k: v.to(device=device, dtype=target) for k, v in state.items() if k in expected}
+    return finish_load(model, {k: v.to(device=device, dtype=target) for k, v in state.items() if k in expected}, device)
+
+
+def finish_load(model, state: dict[str, torch.Tensor], device: str | torch.device):
+    """Put ``state`` into a model built on the meta device: assign, re-tie, rebuild what is not stored."""
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings:
+    if model.config.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(config).to(device)  # non-persistent buffers are rebuilt, not loaded
+    from r1kit.model.rope import RotaryEmbedding
+
+    model.rotary = RotaryEmbedding(model.config).to(device)  # non-persistent buffers are rebuilt, not loaded
     return model.eval()
 
 

@@ -21,7 +21,7 @@ from r1kit.config import dump_json
 from r1kit.errors import CheckpointError
 from r1kit.quant.config import QuantConfig
 from r1kit.quant.int4_linear import Int4Linear
-from r1kit.quant.packing import default_g_idx
+from r1kit.quant.packing import default_g_idx, group_span
 from r1kit.quant.rtn import QuantResult
 
 QUANT_FILE = "quantize_config.json"
@@ -98,7 +98,7 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def expected_shapes(in_features: int, out_features: int, group_size: int, bits: int = 4) -> dict[str, tuple[int, ...]]:
-    groups = in_features // (in_features if group_size == -1 else group_size)
+    groups = in_features // group_span(in_features, group_size)
     return {
         "qweight": (in_features * bits // 32, out_features),
         "qzeros": (groups, out_features * bits // 32),
@@ -109,8 +109,7 @@ def expected_shapes(in_features: int, out_features: int, group_size: int, bits: 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Build the r1kit model with :class:`Int4Linear` layers from a GPTQ checkpoint directory."""
-    from r1kit.model.hf import DTYPES, check_weights, load_config, read_safetensors
-    from r1kit.model.rope import RotaryEmbedding
+    from r1kit.model.hf import DTYPES, check_weights, finish_load, load_config, read_safetensors
     from r1kit.model.transformer import R1kitForCausalLM
 
     path = Path(path)
@@ -152,12 +151,9 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
             loaded[key] = tensor.to(device=device, dtype=torch.float16)
         else:
             loaded[key] = tensor.to(device=device, dtype=target)
-    model.load_state_dict(loaded, strict=False, assign=True)
-    if model_config.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(model_config).to(device)
+    model = finish_load(model, loaded, device)
     model.quantization_config = qconfig
-    return model.eval()
+    return model
 
 
 def _is_int4(model: nn.Module, key: str) -> bool:

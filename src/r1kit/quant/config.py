@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from r1kit.errors import CheckpointError, ConfigError
+from r1kit.quant.packing import group_span
 
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is subtracted from each stored zero
 
@@ -47,7 +48,7 @@ class QuantConfig:
         return FORMATS[self.checkpoint_format]
 
     def group_for(self, in_features: int) -> int:
-        return in_features if self.group_size == -1 else self.group_size
+        return group_span(in_features, self.group_size)
 
     def to_hf(self) -> dict[str, Any]:
         """The ``quantization_config`` mapping (field names as AutoGPTQ/GPTQModel write them)."""

@@ -41,7 +41,7 @@ class Int4Linear(nn.Module):
         super().__init__()
         if bits != 4:
             raise ValueError(f"Int4Linear holds 4-bit weights, got bits={bits}")
-        size = in_features if group_size == -1 else group_size
+        size = packing.group_span(in_features, group_size)
         if in_features % 8 or in_features % size:
             raise ValueError(f"in_features={in_features} must be a multiple of 8 and of group_size={group_size}")
         if out_features % 8:
@@ -81,12 +81,12 @@ class Int4Linear(nn.Module):
 
     def _kernel_group(self) -> int | None:
         # a group of 512 is two kernel groups of 256 with the same scale: any multiple of 32 works
-        size = self.in_features if self.group_size == -1 else self.group_size
+        size = packing.group_span(self.in_features, self.group_size)
         return next((g for g in KERNEL_GROUPS if size % g == 0), None)
 
     def _group_order(self) -> torch.Tensor | None:
         """Input order that makes groups contiguous: empty when already so, None when group sizes forbid it."""
-        size = self.in_features if self.group_size == -1 else self.group_size
+        size = packing.group_span(self.in_features, self.group_size)
         g = self.g_idx.long()
         if bool((g == torch.arange(self.in_features, device=g.device) // size).all()):
             return torch.arange(0)
@@ -114,7 +114,7 @@ class Int4Linear(nn.Module):
         codes, zeros = packing.unpack_gptq(self.qweight, self.qzeros, self.bits, self.zero_offset)  # [in, out], [G, out]
         if order.numel():
             codes = codes[order]
-        size = self.in_features if self.group_size == -1 else self.group_size
+        size = packing.group_span(self.in_features, self.group_size)
         repeat = size // kgroup
         scales = self.scales.float().repeat_interleave(repeat, dim=0)
         zeros = zeros.float().repeat_interleave(repeat, dim=0)

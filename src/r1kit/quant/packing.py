@@ -101,5 +101,10 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 def default_g_idx(in_features: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``i // group_size`` (every input in one group for ``group_size = -1``)."""
-    size = in_features if group_size == -1 else group_size
+    size = group_span(in_features, group_size)
     return (torch.arange(in_features, device=device) // size).to(torch.int32)
+
+
+def group_span(in_features: int, group_size: int) -> int:
+    """Input columns per quantization group (``-1`` means one group over every column)."""
+    return in_features if group_size == -1 else group_size
