@@ -93,12 +93,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             make_checkpoint(size, tmp)
             model = load_model(tmp, dtype=torch.float32).eval()
+            # the engine packs its model's weights in place; the reference loop runs the plain model
+            plain = load_model(tmp, dtype=torch.float32).eval()
             hf = None
             if not args.no_hf:
                 from transformers import AutoModelForCausalLM
 
                 hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
         nbytes = model_bytes(model)
+        nparams = sum(p.numel() for p in model.parameters())
         max_len = max(args.prompt_len + args.new_tokens, args.prefix_len + 1)
         llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
         time_engine(llm, random_prompts(2, 16, 32000, 99), 4)  # warm-up
@@ -108,7 +111,7 @@ def main() -> None:
         hf_tps = {b: [] for b in sizes}
         reference = []
         for _ in range(args.repeats):
-            reference.append(time_reference(model, random_prompts(args.reference_requests, args.prompt_len, 32000, 7), args.new_tokens)["decode_tps"])
+            reference.append(time_reference(plain, random_prompts(args.reference_requests, args.prompt_len, 32000, 7), args.new_tokens)["decode_tps"])
             for b in sizes:
                 prompts = random_prompts(b, args.prompt_len, 32000, b)
                 eng = time_engine(llm, prompts, args.new_tokens)
@@ -116,7 +119,7 @@ def main() -> None:
                 ttft[b].append(eng["ttft"])
                 hf_tps[b].append(time_hf(hf, prompts, args.new_tokens) if hf is not None else float("nan"))
         ref = max(reference)
-        print(f"\n## {size}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB "
+        print(f"\n## {size}: {nparams / 1e6:.1f}M parameters, {nbytes / 2**20:.0f} MiB "
               f"(best of {args.repeats} rounds)")
         print("| batch | r1kit engine tok/s | reference loop tok/s (sequential) | engine/reference | transformers tok/s | engine/transformers | engine TTFT s |")
         print("|---|---|---|---|---|---|---|")

@@ -11,6 +11,7 @@ prints the ratio. The measuring functions are reused by ``benchmarks/bench_engin
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -148,9 +149,11 @@ def run(args: argparse.Namespace) -> int:
     max_len = max(args.prompt_len + args.new_tokens, args.prefix_len + 1)
     if max_len > cfg.max_seq_len:
         raise ConfigError(f"the benchmark needs {max_len} positions; the model's max_seq_len is {cfg.max_seq_len}")
+    nbytes = model_bytes(model)
+    # the engine packs its model's weights in place; the reference loop runs a plain copy
+    plain = copy.deepcopy(model) if args.reference else None
     llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, block_size=args.block_size,
               max_num_batched_tokens=args.max_num_batched_tokens)
-    nbytes = model_bytes(model)
     print(f"model: {nbytes / 2**20:.1f} MiB of weights ({model.dtype}), {cfg.num_layers} layers, hidden {cfg.hidden_size}; "
           f"device {args.device}, {torch.get_num_threads()} threads; KV pool {llm.llm_engine.num_blocks} blocks")
     bandwidth = copy_bandwidth(args.device)
@@ -162,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         eng = time_engine(llm, prompts, args.new_tokens)
         line = f"{b:>5} {eng['decode_tps']:>13.1f} {eng['ttft']:>8.3f}"
         if args.reference:
-            ref = time_reference(model, prompts, args.new_tokens)
+            ref = time_reference(plain, prompts, args.new_tokens)
             line += f" {ref['decode_tps']:>16.1f} {eng['decode_tps'] / ref['decode_tps']:>5.2f}x"
         print(line)
         if b == 1:

@@ -25,6 +25,7 @@ from r1kit.infer.processor import Processor, Prompt
 from r1kit.infer.sampler import sample
 from r1kit.infer.sampling import SamplingParams
 from r1kit.infer.scheduler import Scheduler
+from r1kit.infer.weight_packing import pack_linears
 from r1kit.infer.sequence import Sequence
 
 
@@ -38,6 +39,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.2
     num_kv_blocks: int | None = None  # exact pool size (overrides the memory budget)
     enable_prefix_caching: bool = True
+    pack_weights: bool = True  # CPU: linear weights re-laid-out for oneDNN (r1kit.infer.weight_packing), in place
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -67,12 +69,17 @@ def free_memory(device: torch.device) -> int:
 
 
 class LLMEngine:
+    """The engine owns its model: on CPU it packs the model's linear layers in place
+    (``EngineConfig.pack_weights``), so the model is for inference from then on."""
+
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, think_token_ids: tuple[int, int] | None = None) -> None:
         self.config = config = config or EngineConfig()
         mc = model.config
         if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_global == "compressed":
             raise ConfigError("the engine does not support hybrid_global=compressed (no batched mask path); use hybrid_global=full or r1kit's reference generate")
         self.model = model.eval()
+        if config.pack_weights:
+            pack_linears(model)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_seq_len
         if self.max_model_len > mc.max_seq_len:

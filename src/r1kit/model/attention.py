@@ -142,6 +142,8 @@ class Attention(nn.Module):
         self.gate_override: float | None = None  # tests and ablations pin the gate to 0 (global) or 1 (local)
         self.last_gate_mean: torch.Tensor | None = None
         self.tp: "TensorParallelShard | None" = None  # set by r1kit.train.parallel.apply_tp
+        # inference may fuse q/k/v into one product (r1kit.infer.weight_packing); None: three projections
+        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
@@ -153,9 +155,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         batch, m, _ = x.shape
         # -1 heads: under tensor parallelism each rank projects only its own share of the heads
-        q = self.q_proj(x).view(batch, m, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, m, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, m, -1, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, m, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, m, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, m, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)

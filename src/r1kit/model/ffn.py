@@ -49,9 +49,15 @@ class DenseFFN(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=False)
         self.act = _activation(config.activation)
         self.dropout = nn.Dropout(config.dropout)
+        # inference may fuse gate and up into one product (r1kit.infer.weight_packing)
+        self.gate_up_proj: nn.Module | None = None
 
     def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(selector, hidden): the activation whose magnitude ranks neurons, and the hidden state."""
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            a = self.act(gate)
+            return a, a * up
         if self.gated:
             a = self.act(self.gate_proj(x))
             return a, a * self.up_proj(x)

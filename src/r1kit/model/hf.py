@@ -130,7 +130,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "rope_theta": config.rope_theta,
         "rope_scaling": rope_scaling,
         "rope_parameters": {"rope_theta": config.rope_theta, **(rope_scaling or {"rope_type": "default"})},
-        "attention_bias": config.qkv_bias if model_type == "llama" else None,
+        "attention_bias": config.qkv_bias if model_type != "qwen2" else None,  # Qwen2 always has q/k/v biases
         "tie_word_embeddings": config.tie_embeddings,
         "initializer_range": config.initializer_range,
         "bos_token_id": config.bos_token_id,

@@ -1,0 +1,91 @@
+"""oneDNN-packed linear layers for CPU inference: same products as ``F.linear``, the same state dict,
+and the layers that must keep plain weights (Top-K gather path, int4) left alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r1kit import LLM, SamplingParams
+from r1kit.infer.weight_packing import FusedPackedLinear, PackedLinear, pack_linears, packing_supported
+from r1kit.model import R1kitForCausalLM
+from r1kit.model.hf import load_model
+
+pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN packed linear")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 3, 48), (0, 48)])
+def test_packed_linear_equals_f_linear(bias, shape):
+    linear = nn.Linear(48, 80, bias=bias)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got, want = packed(x), F.linear(x, linear.weight, linear.bias)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_linear_bfloat16_and_dtype_mismatch():
+    linear = nn.Linear(64, 32).to(torch.bfloat16)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x).float(), F.linear(x, linear.weight, linear.bias).float(), rtol=2e-2, atol=2e-2)
+        with pytest.raises(TypeError, match="bfloat16 weights but got a torch.float32 input"):
+            packed(x.float())
+
+
+@pytest.mark.parametrize("attention", ["global", "hybrid"])
+def test_packed_model_logits_and_state_dict(tiny_config, tmp_path, attention):
+    model = R1kitForCausalLM(tiny_config(attention=attention, ffn=["dense", "topk"], tie_embeddings=True, qkv_bias=attention == "global")).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 61, (2, 9))
+    with torch.inference_mode():
+        want = model(tokens)
+    count = pack_linears(model)
+    # per layer q/k/v/o (+ the hybrid gate's two), and the dense FFN's three in layer 0; the Top-K layer's
+    # FFN keeps plain weights; plus the (tied) head
+    expected = 2 * (4 + (2 if attention == "hybrid" else 0)) + 3 + 1
+    assert count == expected
+    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    assert isinstance(model.lm_head, PackedLinear)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    # q/k/v and gate/up each became one product; their plain modules are gone
+    assert isinstance(attn.qkv_proj, FusedPackedLinear) and attn.qkv_proj.split_sizes == [32, 16, 16] and attn.q_proj is None
+    assert isinstance(mlp.gate_up_proj, FusedPackedLinear) and mlp.up_proj is None and isinstance(mlp.down_proj, PackedLinear)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(tokens), want, rtol=1e-4, atol=1e-5)
+    packed_state = model.state_dict()
+    assert packed_state.keys() == state.keys()
+    for k in state:
+        assert torch.equal(packed_state[k], state[k]), k
+    model.save_pretrained(tmp_path)
+    reloaded = load_model(tmp_path)
+    for k, v in reloaded.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_engine_packs_by_default_and_not_when_told(tiny_config):
+    params = SamplingParams(temperature=0, max_tokens=6)
+    prompt = [3, 1, 4, 1, 5, 9]
+    plain = R1kitForCausalLM(tiny_config()).eval()
+    packed = R1kitForCausalLM(tiny_config()).eval()
+    packed.load_state_dict(plain.state_dict())
+    off = LLM(plain, pack_weights=False, num_kv_blocks=8)
+    on = LLM(packed, num_kv_blocks=8)
+    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    assert on.generate(prompt, params)[0].outputs[0].token_ids == off.generate(prompt, params)[0].outputs[0].token_ids
+
+
+def test_fp16_and_int4_layers_are_not_packed(tiny_config):
+    from r1kit.quant.int4_linear import Int4Linear
+
+    model = R1kitForCausalLM(tiny_config()).eval()
+    model.model.layers[0].self_attn.q_proj = Int4Linear(32, 32, group_size=32)
+    count = pack_linears(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear) and count > 0
+    half = R1kitForCausalLM(tiny_config()).eval().to(torch.float16)
+    assert pack_linears(half) == 0  # oneDNN's fp16 path needs AVX512-FP16: plain F.linear stays
+    assert not any(isinstance(m, PackedLinear) for m in half.modules())
