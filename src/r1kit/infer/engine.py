@@ -184,7 +184,8 @@ class LLMEngine:
             if not done_rows:
                 continue
             seqs = [group[r][0] for r in done_rows]
-            results = sample(last[done_rows], seqs, self.special, self.processor.decode_one if self.tokenizer else None)
+            rows = last if len(done_rows) == len(group) else last[done_rows]  # decode steps: every row, no copy
+            results = sample(rows, seqs, self.special, self.processor.decode_one if self.tokenizer else None)
             for seq, (token, entry) in zip(seqs, results):
                 self._append(seq, token, entry)
                 moved[seq.request_id] = self.requests[seq.request_id]

@@ -81,7 +81,7 @@ def sample(
     tokens: list[int] = [0] * len(seqs)
     if any(plain):
         rows = [i for i, ok in enumerate(plain) if ok]
-        picked = logits[rows].argmax(-1).tolist()
+        picked = (logits if len(rows) == len(seqs) else logits[rows]).argmax(-1).tolist()
         for i, t in zip(rows, picked):
             tokens[i] = t
     # rows that draw from their own generator go one by one (reproducible whatever the batch);
