@@ -341,3 +341,38 @@ def test_engine_loop_survives_a_failing_step(model_dir):
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     finally:
         loop.stop()
+
+
+def test_a_consumer_that_falls_behind_gets_coalesced_outputs(model_dir):
+    """Outputs queued while the consumer was busy arrive as one, with every step's deltas in order."""
+    from r1kit.infer.engine import EngineConfig, LLMEngine
+    from r1kit.infer.sampling import SamplingParams
+    from r1kit.serve.async_engine import AsyncEngine
+
+    engine = LLMEngine(load_model(model_dir), load_tokenizer(model_dir), EngineConfig(kv_cache_memory=8 << 20))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = engine.step  # the same request run step by step, one output per step
+    engine.add_request("ref", "def main():", params)
+    steps = []
+    while engine.has_unfinished_requests():
+        steps += want()
+    loop = AsyncEngine(engine)
+    loop.start()
+
+    async def slow_reader():
+        outs = []
+        async for out in await loop.submit("def main():", params):
+            outs.append(out)
+            await asyncio.sleep(0.05)  # the engine runs ahead meanwhile
+        return outs
+
+    try:
+        outs = asyncio.run(slow_reader())
+    finally:
+        loop.stop()
+    assert len(outs) < len(steps)  # fewer, larger chunks...
+    final = outs[-1].outputs[0]
+    assert outs[-1].finished and final.token_ids == steps[-1].outputs[0].token_ids
+    # ...whose deltas still add up to the whole output, in order
+    assert [t for out in outs for t in out.outputs[0].delta_token_ids] == final.token_ids
+    assert "".join(out.outputs[0].delta_text for out in outs) == final.text == steps[-1].outputs[0].text

@@ -2,12 +2,13 @@
 
 Fields are cumulative (the text and ids so far), as vLLM's; streaming callers also get
 ``delta_text`` / ``delta_token_ids``: what appeared since the previous ``step()`` that reported
-this request. Nothing here computes anything.
+this request. :func:`coalesce` folds two consecutive outputs of one request into one (a streaming
+consumer that fell behind sends one chunk for several steps).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -49,3 +50,14 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     prompt_logprobs: list[dict[int, Any] | None] | None = None
     metrics: RequestMetrics | None = None
+
+
+def coalesce(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """``later`` (cumulative) with the deltas of ``earlier`` prepended: as if one step had produced both."""
+    before = {c.index: c for c in earlier.outputs}
+    outputs = [
+        replace(c, delta_text=before[c.index].delta_text + c.delta_text, delta_token_ids=before[c.index].delta_token_ids + c.delta_token_ids)
+        if c.index in before else c
+        for c in later.outputs
+    ]
+    return replace(later, outputs=outputs)

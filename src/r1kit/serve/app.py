@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,6 +56,33 @@ def error_response(status: int, message: str, type_: str, param: str | None = No
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
 
 
+class _Guard:
+    """The API key and the body-size limit, as plain ASGI middleware: a refused request gets its
+    OpenAI-shaped error before any handler runs, and an accepted one passes through untouched
+    (Starlette's ``BaseHTTPMiddleware`` would relay every streamed chunk through an extra task)."""
+
+    def __init__(self, app, state: ServerState) -> None:
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        key = self.state.api_key
+        given = headers.get(b"authorization", b"")
+        if key and scope["path"] not in ("/health", "/metrics") and not hmac.compare_digest(given, f"Bearer {key}".encode()):
+            return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
+        length = headers.get(b"content-length", b"").decode("latin-1")
+        if length.isdigit() and int(length) > self.state.max_body_bytes:
+            return error_response(413, f"request body of {length} bytes is over the limit of {self.state.max_body_bytes}", "invalid_request_error")
+        return None
+
+
 def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="r1kit", version="1", docs_url=None, redoc_url=None)
     app.state.r1kit = state
@@ -81,16 +108,7 @@ def build_app(state: ServerState) -> FastAPI:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return error_response(exc.status_code, str(exc.detail), kind)
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        path = request.url.path
-        given = request.headers.get("authorization", "").encode()
-        if state.api_key and path not in ("/health", "/metrics") and not hmac.compare_digest(given, f"Bearer {state.api_key}".encode()):
-            return error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
-            return error_response(413, f"request body of {length} bytes is over the limit of {state.max_body_bytes}", "invalid_request_error")
-        return await call_next(request)
+    app.add_middleware(_Guard, state=state)
 
     @app.get("/health")
     async def health():
@@ -205,6 +223,10 @@ async def _final(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several requests' outputs as they come, tagged with the request's position."""
+    if len(streams) == 1:  # the common case: no tasks or queue between the engine and the client
+        async for out in streams[0]:
+            yield 0, out
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:

@@ -16,7 +16,7 @@ import uuid
 from typing import AsyncIterator
 
 from r1kit.errors import R1kitError
-from r1kit.infer.outputs import RequestOutput
+from r1kit.infer.outputs import RequestOutput, coalesce
 from r1kit.infer.sampling import SamplingParams
 
 
@@ -93,9 +93,19 @@ class AsyncEngine:
 
     async def _follow(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
+        held = None  # an item read ahead while coalescing, handed out next
         try:
             while not finished:
-                item = await stream.get()
+                item = held if held is not None else await stream.get()
+                held = None
+                # A consumer that fell behind (the engine stepped several times since it last read)
+                # gets one output with all those steps' new tokens: fewer, larger chunks under load.
+                while not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                    nxt = stream.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        held = nxt
+                        break
+                    item = coalesce(item, nxt)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
