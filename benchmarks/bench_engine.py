@@ -9,7 +9,8 @@ both libraries), float32, for each model size it prints, in one run:
   with the engine's ratio to each. Decode rate = tokens after the first / time after the first token
   (for ``transformers``: the difference between a run of N and a run of 1 new token);
 * achieved memory bandwidth at batch 1 (weight bytes × tokens/s) as a share of the machine's copy
-  bandwidth (read + write of a 256 MiB tensor), the hardware limit of decoding;
+  bandwidth (read + write of a 256 MiB tensor) and of its read bandwidth (a sum over it): decoding
+  only reads its weights, so the read figure is its hardware limit;
 * time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached.
 
 All measurements of a model are taken round-robin for ``--repeats`` rounds and the best of each is
@@ -29,7 +30,7 @@ import time
 import torch
 
 from r1kit.infer.bench_cli import (
-    copy_bandwidth,
+    memory_bandwidth,
     model_bytes,
     random_prompts,
     time_engine,
@@ -85,10 +86,10 @@ def main() -> None:
     from r1kit.infer.llm import LLM
     from r1kit.model.hf import load_model
 
-    bandwidth = copy_bandwidth()
+    bandwidth, read = memory_bandwidth()
     print(f"# r1kit engine benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, float32, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print(f"# copy bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s")
+    print(f"# memory bandwidth: copy (read + write) {bandwidth / 1e9:.1f} GB/s, read {read / 1e9:.1f} GB/s")
     for size in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             make_checkpoint(size, tmp)
@@ -128,7 +129,7 @@ def main() -> None:
             print(f"| {b} | {e:.1f} | {ref:.1f} | {e / ref:.2f}x | {h:.1f} | {e / h:.2f}x | {min(ttft[b]):.3f} |")
         if 1 in sizes:
             achieved = nbytes * max(engine[1])
-            print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy bandwidth (read + write)")
+            print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy, {100 * achieved / read:.0f}% of read bandwidth")
         if args.prefix_len:
             cold, cached, hit = time_prefix_ttft(llm, args.prefix_len, 32000, 0)
             print(f"TTFT of a {args.prefix_len}-token prompt: cold {cold:.3f} s, cached ({hit} tokens hit) {cached:.4f} s -> {cold / cached:.1f}x")

@@ -42,13 +42,14 @@ def test_packed_model_logits_and_state_dict(tiny_config, tmp_path, attention):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, 61, (2, 9))
     with torch.inference_mode():
-        want = model(tokens)
+        want, want_one = model(tokens), model(tokens[:, :1])
     count = pack_linears(model)
-    # per layer q/k/v/o (+ the hybrid gate's two), and the dense FFN's three in layer 0; the Top-K layer's
-    # FFN keeps plain weights; plus the (tied) head
-    expected = 2 * (4 + (2 if attention == "hybrid" else 0)) + 3 + 1
+    # per layer q/k/v/o (+ the hybrid gate's two), the dense FFN's three in layer 0, the Top-K FFN's W_gate
+    # only (its gather path reads rows of W_up and W_down); plus the (tied) head
+    expected = 2 * (4 + (2 if attention == "hybrid" else 0)) + 3 + 1 + 1
     assert count == expected
-    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
+    topk = model.model.layers[1].mlp
+    assert type(topk.up_proj) is nn.Linear and type(topk.down_proj) is nn.Linear and isinstance(topk.gate_proj, PackedLinear)
     assert isinstance(model.lm_head, PackedLinear)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     # q/k/v and gate/up each became one product; their plain modules are gone
@@ -56,6 +57,8 @@ def test_packed_model_logits_and_state_dict(tiny_config, tmp_path, attention):
     assert isinstance(mlp.gate_up_proj, FusedPackedLinear) and mlp.up_proj is None and isinstance(mlp.down_proj, PackedLinear)
     with torch.inference_mode():
         torch.testing.assert_close(model(tokens), want, rtol=1e-4, atol=1e-5)
+        # one token per row: the Top-K layer takes its gather path, through the packed W_gate
+        torch.testing.assert_close(model(tokens[:, :1]), want_one, rtol=1e-4, atol=1e-5)
     packed_state = model.state_dict()
     assert packed_state.keys() == state.keys()
     for k in state:

@@ -9,8 +9,8 @@ prefill-sized inputs (``benchmarks/bench_engine.py`` measures the effect end to 
 
 :func:`pack_linears` swaps a model's ``nn.Linear`` layers for :class:`PackedLinear` in place. The
 packed modules are inference-only (no gradients); their ``state_dict`` still holds the plain
-weights, so a packed model saves as before. Layers that read their weights directly (the Top-K
-FFN's gather path) and quantized layers are left alone.
+weights, so a packed model saves as before. Weights read row by row (the Top-K FFN's gather path)
+and quantized layers are left alone.
 """
 
 from __future__ import annotations
@@ -109,21 +109,23 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
     Attention's q/k/v and a dense SwiGLU FFN's gate/up become one fused product each; the other
     plain linears are packed one by one. Nothing happens where the device or dtype has no packed
     kernel. A tied output head gets its own packed copy; the embedding it shares weights with keeps
-    the plain table. Top-K FFNs (their gather path reads rows of the plain weights), layers under
-    tensor parallelism and quantized layers are left alone."""
+    the plain table. A Top-K FFN packs only W_gate (its gather path reads rows of the plain W_up
+    and W_down); layers under tensor parallelism and quantized layers are left alone."""
     from r1kit.model.attention import Attention
     from r1kit.model.ffn import DenseFFN, TopKFFN
 
     packed = 0
     for module in list(model.modules()):
-        if isinstance(module, TopKFFN) or getattr(module, "tp", None) is not None:
+        if getattr(module, "tp", None) is not None:
             continue
+        # the Top-K gather path reads rows of W_up and W_down; W_gate it reads whole, like any linear
+        only = ("gate_proj",) if isinstance(module, TopKFFN) else None
         if isinstance(module, Attention) and _fuse(module, "qkv_proj", ("q_proj", "k_proj", "v_proj"), batch_hint):
             packed += 3
-        elif isinstance(module, DenseFFN) and module.gated and _fuse(module, "gate_up_proj", ("gate_proj", "up_proj"), batch_hint):
+        elif only is None and isinstance(module, DenseFFN) and module.gated and _fuse(module, "gate_up_proj", ("gate_proj", "up_proj"), batch_hint):
             packed += 2
         for name, child in list(module.named_children()):
-            if _plain(child):
+            if _plain(child) and (only is None or name in only):
                 setattr(module, name, PackedLinear.from_linear(child, batch_hint))
                 packed += 1
     return packed

@@ -126,7 +126,7 @@ class TopKFFN(DenseFFN):
         for i in range(x2.shape[0]):  # a handful of tokens: one gathered matrix-vector product each
             row = x2[i : i + 1]  # stays 2-D: 1-D bf16 inputs take a much slower kernel
             if self.gated:
-                a = self.act(F.linear(row, self.gate_proj.weight))[0]
+                a = self.act(self.gate_proj(row))[0]  # read whole to rank neurons (may be a packed kernel)
                 idx = a.abs().topk(k, sorted=False).indices
                 if k > DENSE_UP_ABOVE * f:
                     h = a[idx] * F.linear(row, self.up_proj.weight)[0][idx]
@@ -134,7 +134,7 @@ class TopKFFN(DenseFFN):
                     idx = idx.sort().values  # ascending rows read W_up front to back
                     h = a[idx] * F.linear(row, torch.index_select(self.up_proj.weight, 0, idx, out=self._row_buffer(k, x)))[0]
             else:  # GELU ranks by the hidden state itself: only W_down's reads shrink
-                a = self.act(F.linear(row, self.up_proj.weight))[0]
+                a = self.act(self.up_proj(row))[0]
                 idx = a.abs().topk(k, sorted=False).indices
                 h = a[idx]
             # sum_i h_i · W_downᵀ[idx_i] in one pass over the k selected rows, without copying them
