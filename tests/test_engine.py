@@ -241,3 +241,44 @@ def test_all_local_model_frees_blocks_its_window_has_left(tiny_config):
     again.llm_engine = engine
     out = again.generate(prompts[:1], params)[0]
     assert out.num_cached_tokens == 28 and out.outputs[0].token_ids == done["0"]
+
+
+@pytest.mark.parametrize("attention", ["global", ("local", "hybrid")])
+def test_a_step_mixing_prefills_and_decodes_is_one_forward(tiny_config, attention):
+    """Decodes, a one-token prompt and prefill chunks of different lengths packed in one row: one model
+    call per step, the same tokens and prompt logprobs as each request alone."""
+    model = R1kitForCausalLM(tiny_config(attention=attention)).eval()
+    a, b, c, d = prompts_of([6, 11, 1, 8])
+    want = {"a": generate(model, a, GREEDY), "b": generate(model, b, GREEDY), "c": generate(model, c, GREEDY)}
+    with torch.no_grad():
+        ref_d = model(torch.tensor([d]))[0].log_softmax(-1)
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=9))
+    calls, real_forward = [], model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(1)
+        return real_forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    engine.add_request("a", a, GREEDY)
+    engine.step()  # a's prompt
+    engine.add_request("b", b, GREEDY)  # 11 tokens: chunked over two steps by the budget of 9
+    engine.add_request("c", c, GREEDY)
+    engine.add_request("d", d, SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=1))
+    got: dict[str, list[int]] = {}
+    mixed_steps = 0
+    while engine.has_unfinished_requests():
+        running = engine.scheduler.running
+        mixed = any(s.num_uncomputed == 1 for s in running) and any(s.num_uncomputed > 1 for s in running)
+        before = len(calls)
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+                if out.request_id == "d":
+                    logprobs = out.prompt_logprobs
+        assert len(calls) - before == 1  # one forward per step, whatever it holds
+        mixed_steps += mixed
+    assert mixed_steps > 0
+    assert {k: got[k] for k in want} == want and got["d"] == generate(model, d, SamplingParams(temperature=0, max_tokens=3))
+    for i in range(1, len(d)):
+        assert abs(logprobs[i][d[i]].logprob - float(ref_d[i - 1, d[i]])) < 1e-4

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from r1kit.model import ContiguousKVCache, R1kitForCausalLM
+from r1kit.model.attention import sdpa
 
 KINDS = ["global", "local", "hybrid", ["local", "hybrid"], ["global", "local"]]
 
@@ -111,6 +112,9 @@ class LeftPaddedCache:
     def positions(self, m):
         slots = torch.arange(self.length, self.length + m)
         return (slots[None, :] - self.pads[:, None]).clamp_min(0)
+
+    def attend(self, kind, q, k, v):
+        return sdpa(q, k, v, mask=self.attention_mask(kind, self.window))
 
     def attention_mask(self, kind, window):
         n = self.length + self.m

@@ -159,32 +159,28 @@ class LLMEngine:
                 raise RuntimeError("the scheduler could not run any sequence (KV pool too small for a waiting request)")
             return []
         moved: dict[str, Request] = {}
-        groups = [batch.prefills, [(seq, 1) for seq in batch.decodes]]
-        for group in groups:
-            if not group:
-                continue
-            now = time.time()
-            for seq, _ in group:
-                metrics = self.requests[seq.request_id].metrics
-                metrics.first_scheduled_time = metrics.first_scheduled_time or now
-            last, full = self.runner.run(group)
-            done_rows = []
-            for row, (seq, n) in enumerate(group):
-                if full is not None and seq.prompt_logprobs is not None:
-                    self._record_prompt_logprobs(seq, full[row, full.shape[1] - n :])
-                seq.num_computed_tokens += n
-                self.block_manager.register_computed(seq)
-                if self.all_local:  # the next query (position num_computed) reaches back window - 1 positions
-                    self.block_manager.free_before(seq, seq.num_computed_tokens - seq.window + 1)
-                if seq.num_uncomputed == 0:
-                    done_rows.append(row)
-                    request = self.requests[seq.request_id]
-                    while request.pending:  # the prompt's blocks are registered: siblings now hit them
-                        self.scheduler.add(request.pending.pop(0))
-            if not done_rows:
-                continue
-            seqs = [group[r][0] for r in done_rows]
-            rows = last if len(done_rows) == len(group) else last[done_rows]  # decode steps: every row, no copy
+        items = [(seq, 1) for seq in batch.decodes] + batch.prefills  # one forward for the whole step
+        now = time.time()
+        for seq, _ in items:
+            metrics = self.requests[seq.request_id].metrics
+            metrics.first_scheduled_time = metrics.first_scheduled_time or now
+        last, full = self.runner.run(items)
+        done_rows = []
+        for row, (seq, n) in enumerate(items):
+            if full[row] is not None:
+                self._record_prompt_logprobs(seq, full[row])
+            seq.num_computed_tokens += n
+            self.block_manager.register_computed(seq)
+            if self.all_local:  # the next query (position num_computed) reaches back window - 1 positions
+                self.block_manager.free_before(seq, seq.num_computed_tokens - seq.window + 1)
+            if seq.num_uncomputed == 0:
+                done_rows.append(row)
+                request = self.requests[seq.request_id]
+                while request.pending:  # the prompt's blocks are registered: siblings now hit them
+                    self.scheduler.add(request.pending.pop(0))
+        if done_rows:
+            seqs = [items[r][0] for r in done_rows]
+            rows = last if len(done_rows) == len(items) else last[done_rows]  # decode steps: every row, no copy
             results = sample(rows, seqs, self.special, self.processor.decode_one if self.tokenizer else None)
             for seq, (token, entry) in zip(seqs, results):
                 self._append(seq, token, entry)

@@ -32,7 +32,7 @@ def stream_tokens(model, prompt_ids: Sequence[int], params: SamplingParams, eos_
     stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
     cache = ContiguousKVCache(config, window=config.window_for(len(prompt_ids)))
     seen = torch.tensor([list(prompt_ids)], device=model.device)
-    logits = model(seen, cache=cache, last_only=True)[:, -1]
+    logits = model(seen, cache=cache, select=[-1])[:, -1]
     for _ in range(params.max_tokens):
         token = sample_next(logits, params, seen, generator)
         yield int(token)

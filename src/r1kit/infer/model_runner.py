@@ -1,16 +1,19 @@
-"""Runs the model over one scheduled group of sequences against the paged KV pool.
+"""Runs the model over one scheduled step's sequences against the paged KV pool, in one forward.
 
-``run(items)`` takes (sequence, tokens to compute) pairs, builds the left-padded token and position
-tensors and a :class:`~r1kit.infer.paged_cache.PagedBatch` view, and returns the logits of each
-row's newest token (and, when a row asks for prompt logprobs, of all its new tokens). It owns the
-pool; it never decides what to run (the scheduler) or what to sample (the sampler).
+``run(items)`` takes (sequence, tokens to compute) pairs, decodes and prefill chunks alike, packs
+their new tokens into one row (a :class:`~r1kit.infer.paged_cache.PackedBatch`: one-token rows
+first) and returns the logits of each item's newest token (and, for items that ask for prompt
+logprobs, of all its new tokens). One forward per step: a step that mixes prefills with decodes
+reads the weights once, not once per kind. A step of decodes alone is already packed ([B, 1]) and
+goes straight to a :class:`~r1kit.infer.paged_cache.PagedBatch`. It owns the pool; it never decides what to run (the
+scheduler) or what to sample (the sampler).
 """
 
 from __future__ import annotations
 
 import torch
 
-from r1kit.infer.paged_cache import KVPool, PagedBatch
+from r1kit.infer.paged_cache import KVPool, PackedBatch, PagedBatch
 from r1kit.infer.sequence import Sequence
 
 
@@ -21,21 +24,38 @@ class ModelRunner:
         self.pool = KVPool(model.config, num_blocks, block_size, model.dtype, self.device)
 
     @torch.inference_mode()
-    def run(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(last-token logits [B, V], all-position logits [B, m, V] or None)."""
-        starts = [seq.num_computed_tokens for seq, _ in items]
-        lengths = [n for _, n in items]
-        m = max(lengths)
-        rows = [[0] * (m - n) + seq.token_ids[s : s + n] for (seq, n), s in zip(items, starts)]
+    def run(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """(newest-token logits [len(items), V] in ``items``' order, per item the logits [n, V] of all its
+        new tokens when it records prompt logprobs, else None)."""
+        if all(n == 1 for _, n in items) and not any(self._wants_all(seq) for seq, _ in items):
+            return self._run_decode([seq for seq, _ in items]), [None] * len(items)
+        order = sorted(range(len(items)), key=lambda i: items[i][1] != 1)  # one-token rows first (stable)
+        packed = [items[i] for i in order]
+        view = PackedBatch(self.pool, [(seq.block_table, seq.num_computed_tokens, n, seq.window) for seq, n in packed], self.device)
+        tokens = torch.tensor([t for seq, n in packed for t in seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n]], device=self.device)
+        wants_all = [self._wants_all(seq) for seq, _ in packed]
+        logits = self.model(tokens[None], positions=view.positions, cache=view, window=view.window, select=None if any(wants_all) else view.last)[0]
+        newest = logits[view.last] if any(wants_all) else logits
+        full: list[torch.Tensor | None] = [None] * len(items)
+        ends = view.last.tolist()
+        for row, i in enumerate(order):
+            if wants_all[row]:
+                full[i] = logits[ends[row] - packed[row][1] + 1 : ends[row] + 1]
+        if order != list(range(len(order))):
+            inverse = [0] * len(order)
+            for row, i in enumerate(order):
+                inverse[i] = row
+            newest = newest[torch.tensor(inverse, device=self.device)]
+        return newest, full
+
+    def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        # every row computes one token: [B, 1] is already packed, and the PagedBatch is the whole view
         view = PagedBatch(
-            self.pool,
-            [seq.block_table for seq, _ in items],
-            starts,
-            lengths,
-            [seq.window for seq, _ in items],
-            self.device,
+            self.pool, [s.block_table for s in seqs], [s.num_computed_tokens for s in seqs], [1] * len(seqs), [s.window for s in seqs], self.device
         )
-        tokens = torch.tensor(rows, device=self.device)
-        full = any(seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens for seq, _ in items)
-        logits = self.model(tokens, positions=view.positions, cache=view, window=view.window, last_only=not full)
-        return logits[:, -1], (logits if full else None)
+        tokens = torch.tensor([[s.token_ids[s.num_computed_tokens]] for s in seqs], device=self.device)
+        return self.model(tokens, positions=view.positions, cache=view, window=view.window)[:, -1]
+
+    @staticmethod
+    def _wants_all(seq: Sequence) -> bool:
+        return seq.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens

@@ -1,19 +1,24 @@
-"""The paged KV cache: a pool of fixed-size blocks per layer, and the cache view of one batched forward.
+"""The paged KV cache: a pool of fixed-size blocks per layer, and the cache views of one forward.
 
 :class:`KVPool` holds, per layer, K and V as ``[num_blocks · block_size, Hkv, D]`` (a block is
-``block_size`` consecutive slots). :class:`PagedBatch` is what the model is handed for one forward
-over several sequences at different positions. It implements the model's cache protocol:
+``block_size`` consecutive slots). The engine hands the model a :class:`PackedBatch`: every
+scheduled sequence's new tokens side by side in one row of ``T`` tokens, decodes (one token each)
+first, then prefill chunks. The projections and FFNs run over the ``T`` real tokens (no padding);
+attention is the cache's business (the model's cache protocol, ``update`` then ``attend``), done per
+group by a :class:`PagedBatch`:
 
 * ``update(layer, k_new, v_new)`` writes the new tokens' K/V into their slots, then gathers each
   sequence's whole context from its blocks into a left-padded ``[B, Hkv, n, D]`` tensor;
-* ``attention_mask(kind, window)`` says which keys each query sees, from per-sequence positions:
-  causal, padding excluded, and for local layers ``q_pos - k_pos < window`` with each sequence's own
-  window (the ``window`` argument is ignored: windows are fixed per request at admission).
+* ``attend(kind, q, k, v)`` runs attention under a mask built from per-sequence positions: causal,
+  padding excluded, and for local layers ``q_pos - k_pos < window`` with each sequence's own window
+  (windows are fixed per request at admission).
 
-Queries are left-padded too, so every row's newest token is the last column (``last_only`` logits).
+The decode group's rows are single tokens, so moving them between the packed row and ``[B, ., 1, D]``
+is a view; only the prefill group is left-padded (a copy, small beside a prefill's compute).
 Local layers are handed only the keys their window can reach (at most m + w − 1 per row, whatever
-the context length), so a decode step's local attention costs O(w), not O(n). Blocks are freed before a sequence ends only when *every* layer is local (the
-engine then drops the blocks that left the window); a global or hybrid layer needs them all.
+the context length), so a decode step's local attention costs O(w), not O(n). Blocks are freed
+before a sequence ends only when *every* layer is local (the engine then drops the blocks that left
+the window); a global or hybrid layer needs them all.
 This module never decides which blocks a sequence owns: the block manager does.
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from r1kit.config import ModelConfig
+from r1kit.model.attention import sdpa
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -129,7 +135,11 @@ class PagedBatch:
         v_all = self.pool.v[layer_idx].index_select(0, read.flatten()).view(*read.shape, heads, dim).transpose(1, 2)
         return k_all.to(k.dtype), v_all.to(v.dtype)
 
-    def attention_mask(self, kind: str, window: int | None = None) -> torch.Tensor:
+    def attend(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of ``kind`` over the keys the latest ``update`` returned (``k``, ``v``)."""
+        return sdpa(q, k, v, mask=self.attention_mask(kind))
+
+    def attention_mask(self, kind: str) -> torch.Tensor:
         """[B, 1, m, n] boolean: which keys (of the latest ``update``) each query may see."""
         key = (self._current, kind)
         mask = self._masks.get(key)
@@ -143,3 +153,66 @@ class PagedBatch:
             mask |= (q < 0) & last  # padded query rows see one key
             mask = self._masks[key] = mask[:, None]
         return mask
+
+
+class PackedBatch:
+    """One forward over several sequences packed into a single row: ``items`` are (block table,
+    start, new tokens, window) per sequence, and the row holds each one's new tokens in order.
+
+    Rows computing one token (decodes, or a prompt's last token) must come first: they form one
+    :class:`PagedBatch` reached through views; the rest (prefill chunks) form another, left-padded.
+    ``positions`` is ``[1, T]``; ``last[i]`` is the column of item ``i``'s newest token.
+    """
+
+    def __init__(self, pool: KVPool, items: list[tuple[list[int], int, int, int]], device: torch.device) -> None:
+        lengths = [n for _, _, n, _ in items]
+        self.singles = sum(1 for n in lengths if n == 1)
+        if any(n != 1 for n in lengths[: self.singles]):
+            raise ValueError("PackedBatch: rows computing one token must come first")
+        self.window = max(w for *_, w in items)
+        groups = (items[: self.singles], items[self.singles :])
+        self.single, self.multi = (
+            PagedBatch(pool, [t for t, *_ in g], [s for _, s, _, _ in g], [n for _, _, n, _ in g], [w for *_, w in g], device) if g else None
+            for g in groups
+        )
+        parts = []
+        if self.single is not None:
+            parts.append(self.single.positions[:, 0])
+        if self.multi is not None:
+            valid = self.multi.q_pos.flatten() >= 0
+            self._valid = valid.nonzero().squeeze(1)  # padded layout -> packed columns (row-major: packing order)
+            self._pad_from = torch.zeros(valid.numel(), dtype=torch.long, device=device)  # packed column of each padded slot
+            self._pad_from[self._valid] = torch.arange(self._valid.numel(), device=device)
+            parts.append(self.multi.positions.flatten()[self._valid])
+        self.positions = torch.cat(parts)[None]
+        self.last = torch.tensor(lengths, device=device).cumsum(0) - 1
+        self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # [1, H, T, D] <-> the groups' [B, H, m, D] layouts
+    def _split(self, t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        single = t[:, :, : self.singles].transpose(0, 2) if self.single is not None else None  # [S, H, 1, D], a view
+        multi = None
+        if self.multi is not None:
+            rows, m = self.multi.q_pos.shape
+            packed = t[0, :, self.singles :]  # [H, Tm, D]
+            multi = packed.index_select(1, self._pad_from).view(t.shape[1], rows, m, t.shape[-1]).transpose(0, 1)
+        return single, multi
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (ks, km), (vs, vm) = self._split(k), self._split(v)
+        if self.single is not None:
+            self._kv["single"] = self.single.update(layer_idx, ks, vs)
+        if self.multi is not None:
+            self._kv["multi"] = self.multi.update(layer_idx, km, vm)
+        return k, v  # attend() reads each group's gathered keys, not these
+
+    def attend(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        qs, qm = self._split(q)
+        outs = []
+        if self.single is not None:
+            outs.append(self.single.attend(kind, qs, *self._kv["single"]).transpose(0, 2))
+        if self.multi is not None:
+            out = self.multi.attend(kind, qm, *self._kv["multi"])  # [Bm, H, m, D]
+            heads, dim = out.shape[1], out.shape[-1]
+            outs.append(out.transpose(0, 1).reshape(heads, -1, dim).index_select(1, self._valid)[None])
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

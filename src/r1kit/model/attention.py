@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from r1kit.train.parallel import TensorParallelShard
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention, GQA when K/V have fewer heads than Q."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -31,12 +32,12 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """Causal attention of the last ``m`` positions over all ``n`` keys (GQA through SDPA)."""
     m, n = q.shape[2], k.shape[2]
     if m == n:
-        return _sdpa(q, k, v, causal=True)
+        return sdpa(q, k, v, causal=True)
     if m == 1:  # a decode step sees every cached key
-        return _sdpa(q, k, v)
+        return sdpa(q, k, v)
     offset = n - m
     mask = torch.arange(n, device=q.device)[None, :] <= torch.arange(m, device=q.device)[:, None] + offset
-    return _sdpa(q, k, v, mask=mask)
+    return sdpa(q, k, v, mask=mask)
 
 
 def _window_mask(m: int, n: int, window: int, device: torch.device) -> torch.Tensor:
@@ -57,7 +58,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     if n <= window:  # the window covers every key: plain causal attention
         return global_attention(q, k, v)
     if m <= window:  # a few queries (decode, short chunk): one masked call over <= m + w - 1 keys
-        return _sdpa(q, k, v, mask=_window_mask(m, n, window, q.device))
+        return sdpa(q, k, v, mask=_window_mask(m, n, window, q.device))
     if n > m:  # align queries with keys by padding the front; the padded rows are dropped below
         q = F.pad(q, (0, 0, n - m, 0))
     return _blocked_local(q, k, v, window)[:, :, n - m :]
@@ -71,7 +72,7 @@ def _blocked_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     batch, heads, n, dim = q.shape
     kv_heads = k.shape[1]
     block = min(window, max(64, window // 16))
-    head = _sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], causal=True)
+    head = sdpa(q[:, :, :window], k[:, :, :window], v[:, :, :window], causal=True)
     tail = n - window
     blocks = -(-tail // block)
     pad = blocks * block - tail
@@ -84,7 +85,7 @@ def _blocked_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
     row = torch.arange(block, device=q.device)[:, None]
     col = torch.arange(span, device=q.device)[None, :]
-    out = _sdpa(qt, spans(k), spans(v), mask=(col >= row) & (col < row + window))
+    out = sdpa(qt, spans(k), spans(v), mask=(col >= row) & (col < row + window))
     out = out.view(batch, blocks, heads, block, dim).transpose(1, 2).reshape(batch, heads, blocks * block, dim)[:, :, :tail]
     return torch.cat((head, out), dim=2)
 
@@ -110,7 +111,7 @@ def compressed_global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if not bool(sees_any.any()):
         return out
     rows = sees_any.nonzero().squeeze(1)
-    out[:, :, rows] = _sdpa(q[:, :, rows], pooled_k, pooled_v, mask=mask[rows])
+    out[:, :, rows] = sdpa(q[:, :, rows], pooled_k, pooled_v, mask=mask[rows])
     return out
 
 
@@ -165,9 +166,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        masks = getattr(cache, "attention_mask", None)
-        if masks is not None:  # a batch of sequences of different lengths (the engine's paged cache)
-            out = self._masked(x, q, k, v, masks, window)
+        attend = getattr(cache, "attend", None)
+        if attend is not None:  # a batch of sequences of different lengths (the engine's paged cache)
+            out = self._attend_by_cache(x, q, k, v, attend)
         elif self.kind == "global":
             out = global_attention(q, k, v)
         elif self.kind == "local":
@@ -176,17 +177,18 @@ class Attention(nn.Module):
             out = self._hybrid(x, q, k, v, window)
         return self.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
 
-    def _masked(self, x, q, k, v, masks, window: int) -> torch.Tensor:
-        """Attention under explicit [B, 1, m, n] masks from the cache (padding and positions are its business)."""
+    def _attend_by_cache(self, x, q, k, v, attend) -> torch.Tensor:
+        """Attention computed by the cache (``attend(kind, q, k, v)``), which knows each row's positions,
+        window and padding; this layer only mixes the branches."""
         if self.kind == "global":
-            return _sdpa(q, k, v, mask=masks("global", window))
-        local = _sdpa(q, k, v, mask=masks("local", window))
+            return attend("global", q, k, v)
+        local = attend("local", q, k, v)
         if self.kind == "local":
             return local
         if self.config.hybrid_global == "compressed":
             raise ConfigError("hybrid_global=compressed is not supported with a batched (masked) cache; use hybrid_global=full")
         g = self._gate(x, q)
-        mixed = g * local + (1 - g) * _sdpa(q, k, v, mask=masks("global", window))
+        mixed = g * local + (1 - g) * attend("global", q, k, v)
         threshold = self.config.hybrid_gate_threshold
         if threshold is None or self.training:
             return mixed
@@ -238,7 +240,7 @@ class Attention(nn.Module):
                     chunk = rows[lo : lo + 256]
                     last = int(chunk[-1]) + (n - m) + 1
                     mask = torch.arange(last, device=q.device)[None, :] <= (chunk[:, None] + (n - m))
-                    parts.append(_sdpa(q[b : b + 1, :, chunk], k[b : b + 1, :, :last], v[b : b + 1, :, :last], mask=mask))
+                    parts.append(sdpa(q[b : b + 1, :, chunk], k[b : b + 1, :, :last], v[b : b + 1, :, :last], mask=mask))
                 glob = torch.cat(parts, dim=2)
             gb = g[b : b + 1, :, rows]
             out[b : b + 1, :, rows] = gb * local[b : b + 1, :, rows] + (1 - gb) * glob

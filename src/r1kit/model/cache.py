@@ -16,7 +16,12 @@ from r1kit.config import ModelConfig
 
 class KVCacheView(Protocol):
     """Append a step's keys/values for one layer and return the keys/values that layer attends to;
-    the last ``m`` positions of what is returned are the ones just appended."""
+    the last ``m`` positions of what is returned are the ones just appended.
+
+    A cache for a batch of sequences at different positions (the engine's) also has
+    ``attend(kind, q, k, v) -> out``: it computes the attention of ``kind`` ("global" or "local")
+    itself, since only it knows each row's positions, window and padding; layers then only project
+    and mix branches."""
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 

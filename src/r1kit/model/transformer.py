@@ -73,6 +73,7 @@ class R1kitForCausalLM(nn.Module):
       values to it and attend to what it returns (a full prompt and one-token steps alike).
     * ``window``: the local-attention window for this call; by default the cache's, else
       ``config.window_for(m)`` (the seed's growth rule).
+    * ``select``: the token columns whose logits to compute (e.g. ``[-1]``); default all.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -114,7 +115,7 @@ class R1kitForCausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCacheView | None = None,
         window: int | None = None,
-        last_only: bool = False,
+        select: torch.Tensor | list[int] | None = None,
     ) -> torch.Tensor:
         m = tokens.shape[1]
         start = getattr(cache, "length", 0) if cache is not None else 0
@@ -132,7 +133,7 @@ class R1kitForCausalLM(nn.Module):
                 x = layer(x, cos, sin, window, cache)
         if cache is not None and hasattr(cache, "advance"):
             cache.advance(m)
-        x = self.model.norm(x[:, -1:] if last_only else x)
+        x = self.model.norm(x if select is None else x[:, select])
         return self.lm_head(x)
 
     # -- introspection used by the trainer, the controller and the benchmarks -----------------------
