@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating server / in-process rounds for the overhead figure")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating server / in-process rounds for the overhead figure")
     args = parser.parse_args()
     prompts = [f"def function_{i}(value):\n    return" for i in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:

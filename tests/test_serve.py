@@ -344,7 +344,8 @@ def test_engine_loop_survives_a_failing_step(model_dir):
 
 
 def test_a_consumer_that_falls_behind_gets_coalesced_outputs(model_dir):
-    """Outputs queued while the consumer was busy arrive as one, with every step's deltas in order."""
+    """Outputs queued while the consumer was busy arrive as one, with every step's deltas in order;
+    a non-streaming request gets only its final output."""
     from r1kit.infer.engine import EngineConfig, LLMEngine
     from r1kit.infer.sampling import SamplingParams
     from r1kit.serve.async_engine import AsyncEngine
@@ -366,10 +367,16 @@ def test_a_consumer_that_falls_behind_gets_coalesced_outputs(model_dir):
             await asyncio.sleep(0.05)  # the engine runs ahead meanwhile
         return outs
 
+    async def whole():
+        return [out async for out in await loop.submit("def main():", params, stream=False)]
+
     try:
         outs = asyncio.run(slow_reader())
+        only = asyncio.run(whole())
     finally:
         loop.stop()
+    # a non-streaming request is handed its final output alone
+    assert len(only) == 1 and only[0].finished and only[0].outputs[0].token_ids == steps[-1].outputs[0].token_ids
     assert len(outs) < len(steps)  # fewer, larger chunks...
     final = outs[-1].outputs[0]
     assert outs[-1].finished and final.token_ids == steps[-1].outputs[0].token_ids

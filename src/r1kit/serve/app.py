@@ -187,11 +187,11 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[
     return usage
 
 
-async def _submit(state: ServerState, prompts: list, params) -> list[AsyncIterator[RequestOutput]]:
+async def _submit(state: ServerState, prompts: list, params, stream: bool) -> list[AsyncIterator[RequestOutput]]:
     """Hand every prompt to the engine together (they prefill in the same steps) and wait until all
     are accepted, so validation errors become 400s; if one is refused, the others are aborted."""
     engine = _engine(state)
-    results = await asyncio.gather(*(engine.submit(p, params) for p in prompts), return_exceptions=True)
+    results = await asyncio.gather(*(engine.submit(p, params, stream=stream) for p in prompts), return_exceptions=True)
     failure = next((r for r in results if isinstance(r, BaseException)), None)
     if failure is None:
         return list(results)
@@ -308,7 +308,7 @@ async def _completions(state: ServerState, body: CompletionRequest):
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await _submit(state, body.prompts(), params)
+    streams = await _submit(state, body.prompts(), params, bool(body.stream))
     created = int(time.time())
 
     if body.stream:
@@ -384,7 +384,7 @@ async def _chat(state: ServerState, body: ChatCompletionRequest):
         max_tokens = max(1, engine.max_model_len - len(state.tokenizer.encode(prompt, add_special_tokens=False).ids))
     top_n = body.top_logprobs or 0
     params = body.sampling(max_tokens, top_n if body.logprobs else None, None)
-    (stream,) = await _submit(state, [prompt], params)
+    (stream,) = await _submit(state, [prompt], params, bool(body.stream))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     reasoning = state.reasoning

@@ -42,7 +42,7 @@ class AsyncEngine:
         self.max_waiting = max_waiting
         self.observer = observer  # on the engine thread: observer.on_step(engine, outputs), observer.on_abort(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}  # loop, queue, every step?
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="r1kit-engine", daemon=True)
@@ -64,9 +64,11 @@ class AsyncEngine:
         return self._thread.is_alive() and self.error is None
 
     # -- requests ---------------------------------------------------------------------------------
-    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
         """Hand a request to the engine and wait only until it is accepted; returns its outputs
-        (cumulative, with deltas) as an async iterator. Closing the iterator early aborts the request.
+        (cumulative, with deltas) as an async iterator, or with ``stream=False`` only the final one
+        (the event loop then wakes once for the request, not once per step). Closing the iterator
+        early aborts the request.
 
         Raises the engine's validation error (a prompt too long, …), :class:`QueueFull` when
         ``max_waiting`` requests are in flight, :class:`EngineUnavailable` when the loop is down.
@@ -74,22 +76,22 @@ class AsyncEngine:
         if len(self._streams) >= self.max_waiting:
             raise QueueFull(f"{len(self._streams)} requests are in flight (the limit is {self.max_waiting}); retry later")
         request_id = request_id or uuid.uuid4().hex
-        stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        queue_: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), queue_, stream)
         if not self.alive:  # checked after registering: a loop that dies later fails this stream itself
             self._streams.pop(request_id, None)
             raise EngineUnavailable("the engine loop is not running")
         self._commands.put(("add", request_id, prompt, params))
         self._wake.set()
         try:
-            first = await stream.get()
+            first = await queue_.get()
         except BaseException:
             self._cancel(request_id)
             raise
         if isinstance(first, BaseException):
             self._streams.pop(request_id, None)
             raise first
-        return self._follow(request_id, stream)
+        return self._follow(request_id, queue_)
 
     async def _follow(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -125,8 +127,8 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
         if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+            loop, queue_, _ = target
+            loop.call_soon_threadsafe(queue_.put_nowait, item)
 
     def _deliver_many(self, outputs: list[RequestOutput]) -> None:
         # one wake-up of each event loop per step, not one per request: at 32 streams the per-call
@@ -134,7 +136,7 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)
-            if target is not None:
+            if target is not None and (target[2] or out.finished):
                 by_loop.setdefault(target[0], []).append((target[1], out))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)

@@ -30,8 +30,8 @@ class ServerMetrics:
     def on_step(self, engine, outputs) -> None:
         """Update from the engine thread after a step."""
         self._gauges(engine)
+        self.generation_tokens.inc(sum(len(c.delta_token_ids) for out in outputs for c in out.outputs))
         for out in outputs:
-            self.generation_tokens.inc(sum(len(c.delta_token_ids) for c in out.outputs))
             if out.finished:
                 self._finished(out)
 
