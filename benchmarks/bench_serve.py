@@ -154,8 +154,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the server and of the in-process engine (default torch's: every core; "
+                             "1 on a 2-core box leaves the HTTP loop a core of its own, as a real deployment has)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating server / in-process rounds for the overhead figure")
     args = parser.parse_args()
+    env = os.environ.copy()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = str(args.threads)
     prompts = [f"def function_{i}(value):\n    return" for i in range(args.requests)]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(args.config, Path(tmp) / "bench")
@@ -166,7 +173,7 @@ def main() -> None:
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(
             [sys.executable, "-m", "r1kit.cli", "serve", "--model", str(model_dir), "--port", str(port), "--served-model-name", "bench", "--kv-cache-memory", str(64 << 20), "--max-num-seqs", str(max_seqs)],
-            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+            stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
         try:
@@ -178,7 +185,8 @@ def main() -> None:
                     pass
                 time.sleep(0.2)
             asyncio.run(client_load(base, prompts[:4], 4, 4))  # warm-up
-            print(f"model {args.config}, {args.requests} requests x {args.max_tokens} tokens per level, greedy, streaming")
+            print(f"model {args.config}, {args.requests} requests x {args.max_tokens} tokens per level, greedy, streaming, "
+                  f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs")
             print(f"{'clients':>8} {'req/s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'client CPU':>10}")
             for c in [int(x) for x in args.concurrency.split(",")]:
                 r = asyncio.run(client_load(base, prompts, c, args.max_tokens))

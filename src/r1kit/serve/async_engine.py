@@ -1,9 +1,11 @@
-"""The engine on its own thread, with an asyncio face: requests stream from it as async iterators.
+"""The engine loop on a thread of its own, with an asyncio face: requests stream from it as async iterators.
 
 The engine is not thread-safe, so one thread owns it: HTTP handlers send commands (add, abort)
-through a queue, and the thread runs ``step()`` while work remains, handing each output to its
+through a queue, and the loop runs ``step()`` while work remains, handing each output to its
 request's asyncio queue on the event loop. A request whose consumer stops listening (a client that
-disconnected) is aborted, which frees its KV blocks at once.
+disconnected) is aborted, which frees its KV blocks at once. ``r1kit serve`` runs the loop on the
+main thread (``run()``) and the HTTP server on another: torch's CPU kernels run about 15% slower
+when called from a thread other than the process's first (benchmarks/bench_serve.py).
 """
 
 from __future__ import annotations
@@ -45,23 +47,40 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}  # loop, queue, every step?
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="r1kit-engine", daemon=True)
+        self._running = threading.Event()
+        self._done = threading.Event()
         self.error: BaseException | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Run the loop on a new thread (returns once it runs)."""
+        threading.Thread(target=self.run, name="r1kit-engine", daemon=True).start()
+        self._running.wait()
+
+    def run(self) -> None:
+        """Run the loop in the calling thread until :meth:`stop` (or :meth:`request_stop`)."""
+        self._running.set()
+        try:
+            self._loop()
+        finally:
+            self._running.clear()
+            self._done.set()
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after its current step (safe from any thread or a signal handler)."""
+        self._stop.set()
+        self._wake.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loop; requests still waiting get an error instead of waiting forever."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
+        self.request_stop()
+        if self._running.is_set():
+            self._done.wait(timeout)
         self._fail_waiting(EngineUnavailable("the server is shutting down"))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return self._running.is_set() and self.error is None
 
     # -- requests ---------------------------------------------------------------------------------
     async def submit(self, prompt, params: SamplingParams, request_id: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
@@ -141,7 +160,7 @@ class AsyncEngine:
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         try:
             while not self._stop.is_set():
                 self._drain_commands()

@@ -8,6 +8,7 @@ loop runs; SIGTERM stops accepting new requests, lets in-flight ones finish for
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_state(args: argparse.Namespace, state) -> None:
-    """Load the model and start the engine loop (runs beside the already-listening server)."""
+    """Load the model and build the engine loop (while the already-listening server answers 503)."""
     from r1kit.data.tokenizer import load_tokenizer
     from r1kit.infer.engine import EngineConfig, LLMEngine
     from r1kit.infer.generate_cli import DTYPES
@@ -50,9 +51,7 @@ def load_state(args: argparse.Namespace, state) -> None:
     )
     engine = LLMEngine(model, tokenizer, config)
     state.tokenizer, state.template = tokenizer, ChatTemplate.from_model_dir(args.model)
-    async_engine = AsyncEngine(engine, max_waiting=args.max_waiting, observer=state.metrics)
-    async_engine.start()
-    state.engine = async_engine
+    state.engine = AsyncEngine(engine, max_waiting=args.max_waiting, observer=state.metrics)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,29 +60,43 @@ def run(args: argparse.Namespace) -> int:
     from r1kit.serve.app import ServerState, build_app
     from r1kit.serve.metrics import ServerMetrics
 
-    # The engine thread and the HTTP event loop share the GIL; with Python's default 5 ms switch
+    # The engine loop and the HTTP event loop share the GIL; with Python's default 5 ms switch
     # interval either can hold the other up for a whole slice (ITL p99 31 ms instead of 109 ms at
     # 32 streams, benchmarks/bench_serve.py).
     sys.setswitchinterval(0.001)
     name = args.served_model_name or Path(args.model).resolve().name
     state = ServerState(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes, reasoning=args.reasoning_parser != "none")
     state.metrics = ServerMetrics(name)
-    failure: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            load_state(args, state)
-            print(f"r1kit serve: {name} ready on http://{args.host}:{args.port}", flush=True)
-        except BaseException as exc:  # the server keeps answering 503 and the process exits with the reason
-            failure.append(exc)
-            server.should_exit = True
-
     server = uvicorn.Server(uvicorn.Config(build_app(state), host=args.host, port=args.port, log_level="warning", access_log=False, timeout_graceful_shutdown=args.shutdown_timeout))
-    loader = threading.Thread(target=load, name="r1kit-load", daemon=True)
-    loader.start()
-    server.run()
-    if state.engine is not None:
-        state.engine.stop()
-    if failure:
-        raise failure[0]
+    http_done = threading.Event()
+
+    def serve_http() -> None:  # uvicorn installs no signal handlers off the main thread: ours below
+        try:
+            server.run()
+        finally:
+            http_done.set()
+            if state.engine is not None:
+                state.engine.request_stop()  # in-flight requests were finished or aborted by uvicorn
+
+    def on_signal(signum, frame) -> None:
+        # the first signal stops accepting and lets in-flight requests finish (--shutdown-timeout);
+        # the engine loop keeps running for them until the HTTP server is done
+        server.force_exit = server.should_exit
+        server.should_exit = True
+
+    http = threading.Thread(target=serve_http, name="r1kit-http", daemon=True)
+    http.start()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        load_state(args, state)  # /health answers 503 meanwhile
+    except BaseException:
+        server.should_exit = True
+        http.join()
+        raise
+    if not http_done.is_set():
+        print(f"r1kit serve: {name} ready on http://{args.host}:{args.port}", flush=True)
+        state.engine.run()  # the main thread: see r1kit.serve.async_engine
+    http.join()
+    state.engine.stop()
     return 0
