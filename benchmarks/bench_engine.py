@@ -11,6 +11,8 @@ both libraries), float32, for each model size it prints, in one run:
 * achieved memory bandwidth at batch 1 (weight bytes × tokens/s) as a share of the machine's copy
   bandwidth (read + write of a 256 MiB tensor) and of its read bandwidth (a sum over it): decoding
   only reads its weights, so the read figure is its hardware limit;
+* continuous batching: throughput when the requests arrive two per step (most steps mix prefill
+  chunks with decodes, in one forward) against all of them queued at once;
 * time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached.
 
 All measurements of a model are taken round-robin for ``--repeats`` rounds and the best of each is
@@ -33,6 +35,7 @@ from r1kit.infer.bench_cli import (
     memory_bandwidth,
     model_bytes,
     random_prompts,
+    time_arrivals,
     time_engine,
     time_prefix_ttft,
     time_reference,
@@ -130,6 +133,12 @@ def main() -> None:
         if 1 in sizes:
             achieved = nbytes * max(engine[1])
             print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy, {100 * achieved / read:.0f}% of read bandwidth")
+        # continuous batching: the same requests arriving a few per step (mixed prefill + decode steps)
+        arrivals = random_prompts(2 * max(sizes), args.prompt_len, 32000, 5)
+        at_once = max(time_arrivals(llm, arrivals, 32, None) for _ in range(2))
+        trickle = max(time_arrivals(llm, arrivals, 32, 2) for _ in range(2))
+        print(f"{len(arrivals)} requests x 32 tokens, max_num_seqs {max(sizes)}: all at once {at_once:.1f} tok/s, "
+              f"two joining per step {trickle:.1f} tok/s ({100 * trickle / at_once:.0f}%)")
         if args.prefix_len:
             cold, cached, hit = time_prefix_ttft(llm, args.prefix_len, 32000, 0)
             print(f"TTFT of a {args.prefix_len}-token prompt: cold {cold:.3f} s, cached ({hit} tokens hit) {cached:.4f} s -> {cold / cached:.1f}x")

@@ -64,6 +64,23 @@ def time_engine(llm, prompts: list[list[int]], new_tokens: int) -> dict[str, flo
     }
 
 
+def time_arrivals(llm, prompts: list[list[int]], new_tokens: int, per_step: int | None) -> float:
+    """Tokens/s when ``per_step`` requests join before each step (None: all before the first), the
+    way a server's requests trickle in: most steps then mix prefills with decodes."""
+    from r1kit.infer.sampling import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    pending = list(prompts)
+    start = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        for p in pending[: per_step or len(pending)]:
+            engine.add_request(None, p, params)
+        del pending[: per_step or len(pending)]
+        engine.step()
+    return len(prompts) * new_tokens / (time.perf_counter() - start)
+
+
 def time_reference(model, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     """The reference loop, one request after another."""
     from r1kit.infer.generate import stream_tokens
