@@ -92,3 +92,30 @@ def test_fp16_and_int4_layers_are_not_packed(tiny_config):
     half = R1kitForCausalLM(tiny_config()).eval().to(torch.float16)
     assert pack_linears(half) == 0  # oneDNN's fp16 path needs AVX512-FP16: plain F.linear stays
     assert not any(isinstance(m, PackedLinear) for m in half.modules())
+
+
+def test_int4_qkv_and_gate_up_fuse_into_one_kernel_call(tiny_config):
+    """A GPTQ model in the engine: q/k/v and gate/up each become one int4 kernel call with the same
+    outputs as the separate layers; the checkpoint's tensors (the state dict) do not change."""
+    from r1kit.quant import QuantConfig, quantize_model, to_int4
+    from r1kit.quant.int4_linear import FusedInt4Linear, Int4Linear
+
+    cfg = tiny_config(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, qkv_bias=True)
+    model = R1kitForCausalLM(cfg).eval()
+    qc = QuantConfig(group_size=32, method="rtn")
+    to_int4(model, quantize_model(model, qc), qc)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 61, (2, 7))
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        want_logits = model(tokens)
+        parts = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    pack_linears(model)
+    assert isinstance(attn.qkv_proj, FusedInt4Linear) and isinstance(mlp.gate_up_proj, FusedInt4Linear)
+    assert isinstance(attn.q_proj, Int4Linear) and attn.qkv_proj.split_sizes == [64, 32, 32]
+    with torch.inference_mode():
+        torch.testing.assert_close(attn.qkv_proj(x), parts, rtol=0, atol=1e-6)  # the same bf16 kernel, column by column
+        torch.testing.assert_close(model(tokens), want_logits, rtol=1e-4, atol=1e-4)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

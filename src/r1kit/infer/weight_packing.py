@@ -94,20 +94,26 @@ def _plain(linear) -> bool:
 
 
 def _fuse(module: nn.Module, name: str, parts: tuple[str, ...], batch_hint: int) -> bool:
+    from r1kit.quant.int4_linear import FusedInt4Linear
+
     linears = {part: getattr(module, part, None) for part in parts}
-    if not all(_plain(lin) for lin in linears.values()) or len({lin.weight.dtype for lin in linears.values()}) != 1:
-        return False
-    setattr(module, name, FusedPackedLinear(name, linears, batch_hint))
-    for part in parts:
-        setattr(module, part, None)
-    return True
+    if all(_plain(lin) for lin in linears.values()) and len({lin.weight.dtype for lin in linears.values()}) == 1:
+        setattr(module, name, FusedPackedLinear(name, linears, batch_hint))
+        for part in parts:
+            setattr(module, part, None)
+        return True
+    fused = FusedInt4Linear.fuse(list(linears.values()))  # int4 parts keep their buffers: the state dict stays
+    if fused is not None:
+        setattr(module, name, fused)
+    return fused is not None
 
 
 def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
     """Pack the model's ``nn.Linear`` layers for oneDNN, in place; returns how many linears it packed.
 
-    Attention's q/k/v and a dense SwiGLU FFN's gate/up become one fused product each; the other
-    plain linears are packed one by one. Nothing happens where the device or dtype has no packed
+    Attention's q/k/v and a dense SwiGLU FFN's gate/up become one fused product each (float weights
+    packed for oneDNN, or int4 GPTQ layers as one int4 kernel call); the other plain linears are
+    packed one by one. Nothing happens where the device or dtype has no packed
     kernel. A tied output head gets its own packed copy; the embedding it shares weights with keeps
     the plain table. A Top-K FFN packs only W_gate (its gather path reads rows of the plain W_up
     and W_down); layers under tensor parallelism and quantized layers are left alone."""

@@ -105,8 +105,16 @@ class Int4Linear(nn.Module):
         return self._kernel[1]
 
     def _build_kernel_state(self, device: torch.device) -> tuple | None:
+        if device.type != "cpu" or not cpu_kernel_available():
+            return None
+        inputs = self.kernel_inputs()
+        return None if inputs is None else pack_for_kernel(*inputs)
+
+    def kernel_inputs(self) -> tuple | None:
+        """(codes [in, out] in kernel input order, scales and zeros [in/kgroup, out] in float, input
+        order or None, kernel group), or None where the kernel's shape rules fail."""
         kgroup = self._kernel_group()
-        if device.type != "cpu" or not cpu_kernel_available() or self.out_features % 16 or kgroup is None:
+        if self.out_features % 16 or kgroup is None:
             return None
         order = self._group_order()
         if order is None:
@@ -114,13 +122,10 @@ class Int4Linear(nn.Module):
         codes, zeros = packing.unpack_gptq(self.qweight, self.qzeros, self.bits, self.zero_offset)  # [in, out], [G, out]
         if order.numel():
             codes = codes[order]
-        size = packing.group_span(self.in_features, self.group_size)
-        repeat = size // kgroup
+        repeat = packing.group_span(self.in_features, self.group_size) // kgroup
         scales = self.scales.float().repeat_interleave(repeat, dim=0)
         zeros = zeros.float().repeat_interleave(repeat, dim=0)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
-        scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
-        return packed, scale_zero, order if order.numel() else None, kgroup
+        return codes, scales, zeros, order if order.numel() else None, kgroup
 
     # -- compute ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,16 +143,7 @@ class Int4Linear(nn.Module):
                 f"the CPU int4 kernel does not apply to {self.extra_repr()} on {x.device} "
                 "(it needs CPU, out_features % 16 == 0 and groups that are multiples of 32); use backend='dequant'"
             )
-        packed, scale_zero, order, kgroup = state
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if order is not None:
-            x2 = x2.index_select(1, order)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, kgroup, scale_zero)
-        out = out.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out
+        return int4_matmul(x, state, self.out_features, self.bias)
 
     def _apply(self, fn, recurse=True):
         # A device or dtype move invalidates the kernel's copies; scales stay float16 (the checkpoint's
@@ -158,3 +154,59 @@ class Int4Linear(nn.Module):
             self.scales = self.scales.to(torch.float16)
         return self
 
+
+
+def pack_for_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: torch.Tensor | None, kgroup: int) -> tuple:
+    """The CPU kernel's state from :meth:`Int4Linear.kernel_inputs`: (packed weight, scales-and-zeros, order, group)."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
+    scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
+    return packed, scale_zero, order, kgroup
+
+
+def int4_matmul(x: torch.Tensor, state: tuple, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` through the CPU int4 kernel (bf16 activations inside, ``x``'s dtype out)."""
+    packed, scale_zero, order, kgroup = state
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if order is not None:
+        x2 = x2.index_select(1, order)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, kgroup, scale_zero)
+    out = out.to(x.dtype).reshape(*shape[:-1], out_features)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out
+
+
+class FusedInt4Linear(nn.Module):
+    """Several int4 linears over the same input (q/k/v, gate/up) as one CPU int4 kernel call.
+
+    Inference only, built by :func:`r1kit.infer.weight_packing.pack_linears`. It holds only the
+    kernel's copy of the concatenated weights: the parts stay where they were, so the state dict
+    (the GPTQ checkpoint's tensors) does not change. ``split_sizes`` cuts the output into the parts.
+    """
+
+    def __init__(self, parts: list[Int4Linear], inputs: list[tuple]) -> None:
+        super().__init__()
+        codes, scales, zeros = (torch.cat([i[k] for i in inputs], dim=1) for k in range(3))
+        self.state = pack_for_kernel(codes, scales, zeros, None, inputs[0][4])
+        has_bias = [p.bias is not None for p in parts]
+        self.bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]) if any(has_bias) else None
+        self.split_sizes = [p.out_features for p in parts]
+        self.in_features, self.out_features = parts[0].in_features, sum(self.split_sizes)
+
+    @classmethod
+    def fuse(cls, parts: list) -> FusedInt4Linear | None:
+        """The fused layer, or None where the parts cannot share one kernel call (not all int4 on the
+        CPU kernel, act-order permutations, different kernel groups)."""
+        if not cpu_kernel_available() or not all(isinstance(p, Int4Linear) and p.backend == "auto" and p.qweight.device.type == "cpu" for p in parts):
+            return None
+        inputs = [p.kernel_inputs() for p in parts]
+        if any(i is None or i[3] is not None for i in inputs) or len({i[4] for i in inputs}) != 1:
+            return None
+        return cls(parts, inputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_matmul(x, self.state, self.out_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, split_sizes={self.split_sizes}"
