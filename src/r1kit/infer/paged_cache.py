@@ -14,7 +14,8 @@ group by a :class:`PagedBatch`:
   (windows are fixed per request at admission).
 
 The decode group's rows are single tokens, so moving them between the packed row and ``[B, ., 1, D]``
-is a view; only the prefill group is left-padded (a copy, small beside a prefill's compute).
+is a view; only the prefill group is left-padded (a copy, small beside a prefill's compute). A step
+of decodes alone is already packed as ``[B, 1]`` and gets a :class:`PagedBatch` directly.
 Local layers are handed only the keys their window can reach (at most m + w − 1 per row, whatever
 the context length), so a decode step's local attention costs O(w), not O(n). Blocks are freed
 before a sequence ends only when *every* layer is local (the engine then drops the blocks that left
