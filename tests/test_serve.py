@@ -383,3 +383,16 @@ def test_a_consumer_that_falls_behind_gets_coalesced_outputs(model_dir):
     # ...whose deltas still add up to the whole output, in order
     assert [t for out in outs for t in out.outputs[0].delta_token_ids] == final.token_ids
     assert "".join(out.outputs[0].delta_text for out in outs) == final.text == steps[-1].outputs[0].text
+
+
+def test_a_port_in_use_is_a_clear_error(model_dir):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "r1kit.cli", "serve", "--model", str(model_dir), "--port", str(port), "--kv-cache-memory", str(8 << 20)],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"could not listen on 127.0.0.1:{port}" in proc.stderr and "--port" in proc.stderr

@@ -57,6 +57,7 @@ def load_state(args: argparse.Namespace, state) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from r1kit.errors import R1kitError
     from r1kit.serve.app import ServerState, build_app
     from r1kit.serve.metrics import ServerMetrics
 
@@ -99,4 +100,6 @@ def run(args: argparse.Namespace) -> int:
         state.engine.run()  # the main thread: see r1kit.serve.async_engine
     http.join()
     state.engine.stop()
+    if not server.started:
+        raise R1kitError(f"the HTTP server could not listen on {args.host}:{args.port} (in use? see the message above); pick another --port")
     return 0
