@@ -10,7 +10,7 @@ prefill-sized inputs (``benchmarks/bench_engine.py`` measures the effect end to 
 :func:`pack_linears` swaps a model's ``nn.Linear`` layers for :class:`PackedLinear` in place. The
 packed modules are inference-only (no gradients); their ``state_dict`` still holds the plain
 weights, so a packed model saves as before. Weights read row by row (the Top-K FFN's gather path)
-and quantized layers are left alone.
+stay plain; int4 GPTQ layers keep their own kernel, their q/k/v and gate/up fused into one call each.
 """
 
 from __future__ import annotations
@@ -112,11 +112,11 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
     """Pack the model's ``nn.Linear`` layers for oneDNN, in place; returns how many linears it packed.
 
     Attention's q/k/v and a dense SwiGLU FFN's gate/up become one fused product each (float weights
-    packed for oneDNN, or int4 GPTQ layers as one int4 kernel call); the other plain linears are
-    packed one by one. Nothing happens where the device or dtype has no packed
-    kernel. A tied output head gets its own packed copy; the embedding it shares weights with keeps
-    the plain table. A Top-K FFN packs only W_gate (its gather path reads rows of the plain W_up
-    and W_down); layers under tensor parallelism and quantized layers are left alone."""
+    packed for oneDNN, or int4 GPTQ layers as one int4 kernel call, their buffers left in place);
+    the other plain linears are packed one by one. Nothing happens where the device or dtype has no
+    packed kernel. A tied output head gets its own packed copy; the embedding it shares weights with
+    keeps the plain table. A Top-K FFN packs only W_gate (its gather path reads rows of the plain
+    W_up and W_down); layers under tensor parallelism are left alone."""
     from r1kit.model.attention import Attention
     from r1kit.model.ffn import DenseFFN, TopKFFN
 
