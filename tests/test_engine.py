@@ -282,3 +282,12 @@ def test_a_step_mixing_prefills_and_decodes_is_one_forward(tiny_config, attentio
     assert {k: got[k] for k in want} == want and got["d"] == generate(model, d, SamplingParams(temperature=0, max_tokens=3))
     for i in range(1, len(d)):
         assert abs(logprobs[i][d[i]].logprob - float(ref_d[i - 1, d[i]])) < 1e-4
+
+
+def test_packed_batch_wants_one_token_rows_first(tiny_config):
+    from r1kit.infer.paged_cache import KVPool, PackedBatch
+
+    cfg = tiny_config()
+    pool = KVPool(cfg, num_blocks=4, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="one token must come first"):
+        PackedBatch(pool, [([0], 0, 3, 4), ([1], 2, 1, 4)], torch.device("cpu"))

@@ -119,3 +119,10 @@ def test_int4_qkv_and_gate_up_fuse_into_one_kernel_call(tiny_config):
         torch.testing.assert_close(model(tokens), want_logits, rtol=1e-4, atol=1e-4)
     assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_fusing_linears_with_and_without_bias_is_refused():
+    from r1kit.infer.weight_packing import FusedPackedLinear
+
+    with pytest.raises(ValueError, match="some have a bias and some do not"):
+        FusedPackedLinear("qkv_proj", {"q_proj": nn.Linear(8, 8, bias=True), "k_proj": nn.Linear(8, 8, bias=False)})

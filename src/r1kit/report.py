@@ -22,20 +22,26 @@ def _metrics(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
 
 
+def _save(fig, ax, file: Path, xlabel: str, ylabel: str, title: str, legend: dict[str, Any] | None) -> None:
+    """Label, grid, legend (None: none), write and close: the finish every plot here shares."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend is not None:
+        ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+
+
 def plot_loss(metrics: list[dict[str, Any]], file: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss")
     val = [m for m in metrics if "val_loss" in m]
     if val:
         ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, file, "step", "cross-entropy (nats)", "Training loss", {})
 
 
 def plot_sparsity(metrics: list[dict[str, Any]], file: Path) -> None:
@@ -43,15 +49,8 @@ def plot_sparsity(metrics: list[dict[str, Any]], file: Path) -> None:
     rows = [m for m in metrics if "sparsity" in m]
     for layer in sorted({k for m in rows for k in m["sparsity"]}, key=int):
         ax.plot([m["step"] for m in rows], [m["sparsity"][layer] for m in rows], label=f"layer {layer}")
-    ax.set_xlabel("step")
-    ax.set_ylabel("sparsity (share of FFN neurons off)")
-    ax.set_title("Top-K sparsity per layer (adaptive controller)")
-    ax.grid(alpha=0.3)
-    if rows:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, file, "step", "sparsity (share of FFN neurons off)", "Top-K sparsity per layer (adaptive controller)",
+          {"fontsize": 8} if rows else None)
 
 
 def plot_perplexity(evaluation: dict[str, Any], file: Path) -> None:
@@ -59,14 +58,7 @@ def plot_perplexity(evaluation: dict[str, Any], file: Path) -> None:
     for name, result in evaluation.items():
         buckets = result["by_position"]
         ax.plot([f"{b['from']}-{b['to']}" for b in buckets], [b["ppl"] for b in buckets], "o-", label=f"{name} ({result['ppl']:.2f})")
-    ax.set_xlabel("token positions")
-    ax.set_ylabel("perplexity")
-    ax.set_title("Held-out perplexity by position")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, file, "token positions", "perplexity", "Held-out perplexity by position", {})
 
 
 def write_report(out: Path) -> list[str]:

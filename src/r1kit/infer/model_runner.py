@@ -37,10 +37,11 @@ class ModelRunner:
         logits = self.model(tokens[None], positions=view.positions, cache=view, window=view.window, select=None if any(wants_all) else view.last)[0]
         newest = logits[view.last] if any(wants_all) else logits
         full: list[torch.Tensor | None] = [None] * len(items)
-        ends = view.last.tolist()
-        for row, i in enumerate(order):
-            if wants_all[row]:
-                full[i] = logits[ends[row] - packed[row][1] + 1 : ends[row] + 1]
+        if any(wants_all):
+            ends = view.last.tolist()
+            for row, i in enumerate(order):
+                if wants_all[row]:
+                    full[i] = logits[ends[row] - packed[row][1] + 1 : ends[row] + 1]
         if order != list(range(len(order))):
             inverse = [0] * len(order)
             for row, i in enumerate(order):
