@@ -10,13 +10,19 @@ quantized model saves and loads in the GPTQ layout with no renaming. Two ways to
   The kernel runs on bfloat16 activations (its float32 path is a slow fallback), so inputs are cast
   to bf16 and outputs back. Act-order checkpoints (non-monotonic ``g_idx``) are handled by sorting
   the input features by group once and gathering the activations' columns the same way.
-* ``dequant``: unpack to a float weight and ``F.linear`` (the reference; used on CUDA and wherever
-  the kernel's shape rules fail: out_features % 16, groups of 32/64/128/256 only).
+* ``triton`` (CUDA): :mod:`r1kit.quant.triton_int4`, a Triton kernel that unpacks the GPTQ tensors
+  as stored, tile by tile, inside the matmul (act-order included). Used on CUDA when ``triton`` is
+  installed; on the CPU it runs only under Triton's interpreter, which is how the tests check it.
+* ``dequant``: unpack to a float weight and ``F.linear`` (the reference; used wherever neither kernel
+  applies: the CPU kernel needs out_features % 16 and groups of 32/64/128/256, the GPU one triton).
 
 The module never changes the stored tensors; the kernel's copies live outside the state dict.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -25,15 +31,21 @@ from torch import nn
 from r1kit.quant import packing
 
 KERNEL_GROUPS = (256, 128, 64, 32)
-BACKENDS = ("auto", "kernel", "dequant")
+BACKENDS = ("auto", "kernel", "triton", "dequant")
 
 
 def cpu_kernel_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 class Int4Linear(nn.Module):
-    """A 4-bit GPTQ linear. ``backend``: ``auto`` (kernel where it applies), ``kernel`` or ``dequant``."""
+    """A 4-bit GPTQ linear. ``backend``: ``auto`` (the CPU kernel or the Triton one where it applies),
+    ``kernel``, ``triton`` or ``dequant``."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  bits: int = 4, zero_offset: int = 1, dtype: torch.dtype = torch.float32,
@@ -128,10 +140,31 @@ class Int4Linear(nn.Module):
         return codes, scales, zeros, order if order.numel() else None, kgroup
 
     # -- compute ----------------------------------------------------------------------------------
+    def resolved_backend(self, device: torch.device) -> str:
+        """The backend a forward on ``device`` uses (``auto`` resolved)."""
+        if self.backend not in BACKENDS:
+            raise ValueError(f"Int4Linear.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend != "auto":
+            return self.backend
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        return "kernel" if self.kernel_applies(device) else "dequant"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend == "kernel" or (self.backend == "auto" and self.kernel_applies(x.device)):
+        backend = self.resolved_backend(x.device)
+        if backend == "kernel":
             return self.forward_kernel(x)
+        if backend == "triton":
+            return self.forward_triton(x)
         return self.forward_dequant(x)
+
+    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        if not triton_available():
+            raise RuntimeError(f"backend='triton' needs the triton package (pip install triton) for {self.extra_repr()}")
+        from r1kit.quant.triton_int4 import int4_gptq_matmul
+
+        out = int4_gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

@@ -1,0 +1,42 @@
+"""The GPU (Triton) int4 kernel, checked on the CPU: ``triton_interpreted.py`` runs in a subprocess
+under Triton's interpreter. Also: ``auto`` picks Triton on CUDA only, and a missing package is a clear error."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_quant_helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from test_quant_packing import random_int4
+
+from r1kit.quant import int4_linear
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.skipif(not int4_linear.triton_available(), reason="triton is not installed (pip install triton)")
+def test_triton_kernel_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "triton_interpreted.py")],
+        cwd=HERE, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout
+
+
+def test_auto_backend_choice(monkeypatch):
+    layer = random_int4(128, 64, 64)
+    assert layer.resolved_backend(torch.device("cpu")) == "kernel"
+    monkeypatch.setattr(int4_linear, "triton_available", lambda: True)
+    assert layer.resolved_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setattr(int4_linear, "triton_available", lambda: False)
+    assert layer.resolved_backend(torch.device("cuda")) == "dequant"
+    layer.backend = "triton"
+    with pytest.raises(RuntimeError, match="pip install triton"):
+        layer(torch.randn(2, 128))
+    layer.backend = "fast"
+    with pytest.raises(ValueError, match="backend"):
+        layer(torch.randn(2, 128))
