@@ -12,8 +12,8 @@ Two models, both built here (no download):
   bf16, the int4 CPU kernel, the int4 dequantize-then-matmul path, and int4 linears with the rest of
   the model (lm_head, activations) in bf16, in the same run, with ratios, and
   as gpt-fast does, the achieved weight-read bandwidth (bytes of weights per token × tokens/s);
-  then fp32 against int4 on the engine, which packs float weights for oneDNN (about twice the
-  reference loop's fp32 speed) and fuses the int4 q/k/v and gate/up calls.
+  then the same four on the engine, which packs float weights for oneDNN (about twice the
+  reference loop's fp32 speed), fuses the int4 q/k/v and gate/up calls and freezes the int4 layers.
 
 Sizes: the seed's "12.5%" is 4/32 bits, relative to fp32 *linear weights*; fp16 group scales,
 packed zeros and g_idx add to it, and the embeddings and ``lm_head`` stay float. Both the
@@ -250,9 +250,8 @@ def bench_speed(args) -> None:
             if isinstance(m, Int4Linear):
                 m.backend = "auto"
         served = {name: engine_rate(copy.deepcopy(model), len(prompt), args.decode_tokens, args.repeats)
-                  for name, model in (("fp32", fp32), ("int4", int4))}
-        print(f"engine, batch 1: fp32 {served['fp32']:.1f} tok/s, int4 {served['int4']:.1f} tok/s "
-              f"({served['int4'] / served['fp32']:.2f}×)")
+                  for name, model in (("fp32", fp32), ("bf16", bf16), ("int4", int4), ("int4 + bf16 rest", int4_bf16))}
+        print(f"engine, batch 1: " + ", ".join(f"{name} {rate:.1f} tok/s ({rate / served['fp32']:.2f}×)" for name, rate in served.items()))
 
 
 def main() -> None:

@@ -119,6 +119,16 @@ def test_int4_qkv_and_gate_up_fuse_into_one_kernel_call(tiny_config):
         torch.testing.assert_close(model(tokens), want_logits, rtol=1e-4, atol=1e-4)
     assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # the unfused int4 layers (o_proj, down_proj) are frozen: same outputs, no per-call weights check
+    o_proj = attn.o_proj
+    assert o_proj._frozen is not None
+    with torch.inference_mode():
+        frozen = o_proj(x)
+        o_proj._frozen = None
+        torch.testing.assert_close(frozen, o_proj(x), rtol=0, atol=0)
+        o_proj.freeze()
+    model.to(torch.bfloat16)  # a cast unfreezes: the kernel state is rebuilt for the new dtype
+    assert o_proj._frozen is None and o_proj(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_fusing_linears_with_and_without_bias_is_refused():

@@ -113,12 +113,14 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
 
     Attention's q/k/v and a dense SwiGLU FFN's gate/up become one fused product each (float weights
     packed for oneDNN, or int4 GPTQ layers as one int4 kernel call, their buffers left in place);
-    the other plain linears are packed one by one. Nothing happens where the device or dtype has no
+    the other plain linears are packed one by one, and the other int4 layers frozen
+    (:meth:`~r1kit.quant.int4_linear.Int4Linear.freeze`). Nothing happens where the device or dtype has no
     packed kernel. A tied output head gets its own packed copy; the embedding it shares weights with
     keeps the plain table. A Top-K FFN packs only W_gate (its gather path reads rows of the plain
     W_up and W_down); layers under tensor parallelism are left alone."""
     from r1kit.model.attention import Attention
     from r1kit.model.ffn import DenseFFN, TopKFFN
+    from r1kit.quant.int4_linear import Int4Linear
 
     packed = 0
     for module in list(model.modules()):
@@ -133,5 +135,7 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
         for name, child in list(module.named_children()):
             if _plain(child) and (only is None or name in only):
                 setattr(module, name, PackedLinear.from_linear(child, batch_hint))
+                packed += 1
+            elif isinstance(child, Int4Linear) and child.freeze():
                 packed += 1
     return packed

@@ -74,13 +74,14 @@ class RotaryEmbedding(torch.nn.Module):
         self.attention_scaling = attention_scaling
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [..., head_dim] for integer ``positions`` of any shape."""
+        """cos, sin of shape [..., head_dim] for integer ``positions`` of any shape, in the form
+        :func:`apply_rotary` takes: the first half of ``sin`` negated."""
         inv_freq = self.inv_freq
         if self.scaling is not None and self.scaling.type == "dynamic":
             inv_freq = self._dynamic_inv_freq(int(positions.max()) + 1).to(inv_freq.device)
         angles = positions.to(torch.float32)[..., None] * inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
-        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
 
     def _dynamic_inv_freq(self, seq_len: int) -> torch.Tensor:
         # NTK-aware: beyond the trained length, raise the base so the lowest frequency still fits.
@@ -92,9 +93,12 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [batch, heads, seq, head_dim] by cos/sin [seq, head_dim] or [batch, seq, head_dim]."""
+    """Rotate ``x`` [batch, heads, seq, head_dim] by cos/sin [seq, head_dim] or [batch, seq, head_dim]
+    as :class:`RotaryEmbedding` returns them.
+
+    Llama's ``x·cos + rotate_half(x)·sin`` with ``rotate_half(x) = (−x₂, x₁)``: the sign lives in
+    ``sin`` (first half negated), so the rotation is one ``roll`` instead of slice, negate and concat
+    (the same numbers; half the small ops, which count at decode)."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
