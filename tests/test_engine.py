@@ -25,13 +25,15 @@ def reference(model, prompts, params=GREEDY, eos_ids=()):
 
 @pytest.mark.parametrize("attention", ["global", "local", "hybrid", ("local", "global")])
 @pytest.mark.parametrize("ffn", ["dense", "topk"])
-def test_greedy_equals_reference_with_chunks_prefix_hits_and_preemption(tiny_config, attention, ffn):
+@pytest.mark.parametrize("decode_kernel", [True, False], ids=["kernel", "gather"])
+def test_greedy_equals_reference_with_chunks_prefix_hits_and_preemption(tiny_config, attention, ffn, decode_kernel):
     model = R1kitForCausalLM(tiny_config(attention=attention, ffn=ffn)).eval()
     prompts = prompts_of([3, 9, 17, 6, 12])
     prompts.append(prompts[2][:13] + [1, 2])  # shares 3 full blocks with the 17-token prompt
     want = reference(model, prompts)
     # 14 blocks of 4 tokens cannot hold six requests of up to 29 tokens: decodes must preempt
-    llm = LLM(model, block_size=4, num_kv_blocks=14, max_num_batched_tokens=10)
+    llm = LLM(model, block_size=4, num_kv_blocks=14, max_num_batched_tokens=10, decode_kernel=decode_kernel)
+    assert (llm.llm_engine.runner.pool.decode_kernel is not None) == decode_kernel
     first = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in first] == want
     # (an all-local model frees the blocks its window has left, and fits without preempting)

@@ -40,6 +40,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact pool size (overrides the memory budget)
     enable_prefix_caching: bool = True
     pack_weights: bool = True  # CPU: linear weights re-laid-out for oneDNN (r1kit.infer.weight_packing), in place
+    # CPU: decode attention reads the paged pool in place (r1kit.infer.decode_attention, a C kernel built
+    # on first use); where it cannot be built, decodes gather K/V out of the pool as prefills do
+    decode_kernel: bool = True
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -87,7 +90,7 @@ class LLMEngine:
         self.num_blocks = self._pool_blocks()
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.decode_kernel)
         self.processor = Processor(mc, tokenizer, self.max_model_len, self.num_blocks * config.block_size, config.block_size, think_token_ids)
         self.special, self.hidden_ids = self.processor.special, self.processor.hidden_ids
         self.requests: dict[str, Request] = {}

@@ -38,7 +38,7 @@ class LLM:
     ) -> None:
         """``model``: a model directory or an ``R1kitForCausalLM``; ``engine_args``: :class:`EngineConfig` fields
         (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
-        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``)."""
+        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``)."""
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ConfigError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")

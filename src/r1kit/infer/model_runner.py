@@ -18,10 +18,15 @@ from r1kit.infer.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model, num_blocks: int, block_size: int, decode_kernel: bool = True) -> None:
         self.model = model
         self.device = model.device
-        self.pool = KVPool(model.config, num_blocks, block_size, model.dtype, self.device)
+        kernel = None
+        if decode_kernel and self.device.type == "cpu":
+            from r1kit.infer.decode_attention import load_kernel
+
+            kernel = load_kernel()
+        self.pool = KVPool(model.config, num_blocks, block_size, model.dtype, self.device, kernel)
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:

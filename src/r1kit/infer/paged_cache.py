@@ -16,6 +16,8 @@ group by a :class:`PagedBatch`:
 The decode group's rows are single tokens, so moving them between the packed row and ``[B, ., 1, D]``
 is a view; only the prefill group is left-padded (a copy, small beside a prefill's compute). A step
 of decodes alone is already packed as ``[B, 1]`` and gets a :class:`PagedBatch` directly.
+One-token rows skip the gather where the pool has a decode kernel
+(:mod:`r1kit.infer.decode_attention`): it follows the block tables and reads K/V in place.
 Local layers are handed only the keys their window can reach (at most m + w − 1 per row, whatever
 the context length), so a decode step's local attention costs O(w), not O(n). Blocks are freed
 before a sequence ends only when *every* layer is local (the engine then drops the blocks that left
@@ -37,9 +39,14 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 class KVPool:
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    """``decode_kernel``: a :class:`~r1kit.infer.decode_attention.PagedDecodeKernel` that one-token
+    rows attend through, reading the pool in place; None: they gather like every other row."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 decode_kernel=None) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.kinds = config.attention
+        self.decode_kernel = decode_kernel if decode_kernel is not None and decode_kernel.supports(dtype, device) else None
         shape = (num_blocks * block_size, config.num_kv_heads, config.head_dim)
         # never read before written: padded key slots point at a written slot of the same row
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
@@ -95,6 +102,9 @@ class PagedBatch:
         # blocks freed out of every layer's window are -1: no position of theirs is ever read
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], device=device)
         self._slots = lambda pos: tables.gather(1, pos // bs) * bs + pos % bs
+        # one token per row and a kernel that reads the pool in place: no gather, no mask
+        self.direct = m == 1 and pool.decode_kernel is not None
+        self._tables, self._layer = tables, 0
 
         self.all_valid = bool(q_valid.all())
         self.write_src = q_valid.flatten().nonzero().squeeze(1)  # rows of the flattened [B·m] new tokens
@@ -125,6 +135,9 @@ class PagedBatch:
             if not self.all_valid:
                 flat = flat.index_select(0, self.write_src)
             pool.index_copy_(0, self.write_dst, flat.to(pool.dtype))
+        if self.direct:
+            self._layer = layer_idx
+            return k, v  # attend() reads the pool, not these
         name = "local" if self.pool.kinds[layer_idx] == "local" else "full"
         if self._lowest[name] is self._lowest["full"]:
             name = "full"
@@ -137,7 +150,12 @@ class PagedBatch:
         return k_all.to(k.dtype), v_all.to(v.dtype)
 
     def attend(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of ``kind`` over the keys the latest ``update`` returned (``k``, ``v``)."""
+        """Attention of ``kind`` over the keys the latest ``update`` returned (``k``, ``v``), or, for
+        one-token rows with the decode kernel, over the latest updated layer's keys in the pool."""
+        if self.direct:
+            lowest = self._lowest["local" if kind == "local" else "full"]
+            layer = self._layer
+            return self.pool.decode_kernel(q, self.pool.k[layer], self.pool.v[layer], self._tables, self.contexts, lowest, self.pool.block_size)
         return sdpa(q, k, v, mask=self.attention_mask(kind))
 
     def attention_mask(self, kind: str) -> torch.Tensor:

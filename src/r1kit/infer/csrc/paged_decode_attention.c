@@ -1,0 +1,102 @@
+/* Decode attention straight from the paged KV pool (see r1kit/infer/decode_attention.py).
+ *
+ * One query token per sequence. For sequence s and KV head h, the G = Hq / Hkv query heads of that
+ * group read the keys and values of positions [lowest[s], contexts[s]) where they live in the pool:
+ * position p is slot tables[s][p / block_size] * block_size + p % block_size, and a slot holds
+ * Hkv × D values. Nothing is copied out of the pool, and each key and value row is read once for
+ * all G heads of its group. Scores go to a per-thread buffer; softmax in float; out = Σ softmax · v.
+ * The head dimension is a compile-time constant for 64 and 128 (the loops over it unroll fully).
+ * Tasks (s, h) are spread over the OpenMP threads of the runtime torch loaded.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_GROUP 64
+
+static inline float load_f32(const float *p, int64_t i) { return p[i]; }
+static inline float load_bf16(const uint16_t *p, int64_t i) {
+    uint32_t bits = (uint32_t)p[i] << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+#define DEFINE_TASK(NAME, KV_T, LOAD)                                                                     \
+static inline __attribute__((always_inline)) void NAME(                                                 \
+    const float *restrict qs, const KV_T *restrict k, const KV_T *restrict v, float *restrict os,       \
+    const int64_t *restrict table, int64_t lo, int64_t n, int64_t group, int64_t hkv, int64_t h,        \
+    const int64_t dim, int64_t block_size, float scale, float *restrict scores) {                       \
+    for (int64_t t = 0; t < n; ++t) {                                                                   \
+        const int64_t p = lo + t;                                                                       \
+        const KV_T *restrict kr = k + ((table[p / block_size] * block_size + p % block_size) * hkv + h) * dim; \
+        for (int64_t g = 0; g < group; ++g) {                                                           \
+            const float *restrict qg = qs + g * dim;                                                    \
+            float acc = 0.0f;                                                                           \
+            for (int64_t d = 0; d < dim; ++d) acc += qg[d] * LOAD(kr, d);                               \
+            scores[g * n + t] = acc * scale;                                                            \
+        }                                                                                               \
+    }                                                                                                   \
+    float inv_sum[MAX_GROUP];                                                                           \
+    for (int64_t g = 0; g < group; ++g) {                                                               \
+        float *restrict sg = scores + g * n, top = sg[0], sum = 0.0f;                                   \
+        for (int64_t t = 1; t < n; ++t) top = sg[t] > top ? sg[t] : top;                                \
+        for (int64_t t = 0; t < n; ++t) { sg[t] = expf(sg[t] - top); sum += sg[t]; }                    \
+        inv_sum[g] = 1.0f / sum;                                                                        \
+    }                                                                                                   \
+    memset(os, 0, sizeof(float) * group * dim);                                                         \
+    for (int64_t t = 0; t < n; ++t) {                                                                   \
+        const int64_t p = lo + t;                                                                       \
+        const KV_T *restrict vr = v + ((table[p / block_size] * block_size + p % block_size) * hkv + h) * dim; \
+        for (int64_t g = 0; g < group; ++g) {                                                           \
+            const float w = scores[g * n + t];                                                          \
+            float *restrict og = os + g * dim;                                                          \
+            for (int64_t d = 0; d < dim; ++d) og[d] += w * LOAD(vr, d);                                 \
+        }                                                                                               \
+    }                                                                                                   \
+    for (int64_t g = 0; g < group; ++g)                                                                 \
+        for (int64_t d = 0; d < dim; ++d) os[g * dim + d] *= inv_sum[g];                                \
+}
+
+#define DEFINE_KERNEL(NAME, TASK, KV_T)                                                                   \
+int NAME(const float *q, const KV_T *k, const KV_T *v, float *out, const int64_t *tables,               \
+         int64_t table_width, const int64_t *contexts, const int64_t *lowest, int64_t num_seqs,         \
+         int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, float scale) {                      \
+    const int64_t group = hq / hkv;                                                                     \
+    if (group > MAX_GROUP || group * hkv != hq) return 1;                                               \
+    int failed = 0;                                                                                     \
+    _Pragma("omp parallel")                                                                             \
+    {                                                                                                   \
+        float *scores = NULL;                                                                           \
+        int64_t capacity = 0;                                                                           \
+        _Pragma("omp for schedule(dynamic, 1)")                                                         \
+        for (int64_t task = 0; task < num_seqs * hkv; ++task) {                                         \
+            const int64_t s = task / hkv, h = task % hkv;                                               \
+            const int64_t lo = lowest[s], n = contexts[s] - lo;                                         \
+            const float *qs = q + (s * hq + h * group) * dim;                                           \
+            float *os = out + (s * hq + h * group) * dim;                                               \
+            if (n <= 0) { memset(os, 0, sizeof(float) * group * dim); continue; }                       \
+            if (n * group > capacity) {                                                                 \
+                free(scores);                                                                           \
+                capacity = n * group;                                                                   \
+                scores = (float *)malloc(sizeof(float) * capacity);                                     \
+                if (scores == NULL) { capacity = 0; failed = 1; continue; }                             \
+            }                                                                                           \
+            const int64_t *table = tables + s * table_width;                                            \
+            if (dim == 64)                                                                              \
+                TASK(qs, k, v, os, table, lo, n, group, hkv, h, 64, block_size, scale, scores);         \
+            else if (dim == 128)                                                                        \
+                TASK(qs, k, v, os, table, lo, n, group, hkv, h, 128, block_size, scale, scores);        \
+            else                                                                                        \
+                TASK(qs, k, v, os, table, lo, n, group, hkv, h, dim, block_size, scale, scores);        \
+        }                                                                                               \
+        free(scores);                                                                                   \
+    }                                                                                                   \
+    return failed ? 2 : 0;                                                                              \
+}
+
+DEFINE_TASK(task_f32, float, load_f32)
+DEFINE_TASK(task_bf16, uint16_t, load_bf16)
+DEFINE_KERNEL(paged_decode_attention_f32, task_f32, float)
+DEFINE_KERNEL(paged_decode_attention_bf16, task_bf16, uint16_t)

@@ -1,0 +1,100 @@
+"""The paged decode-attention kernel: against a naive softmax attention over the slots each row's
+block table names (property test over shapes, GQA groups, windows, block sizes, fp32 and bf16); its
+use by the engine; a build that cannot happen; and the process's float state left alone."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from r1kit import LLM, SamplingParams
+from r1kit.infer import decode_attention
+from r1kit.infer.generate import generate
+from r1kit.model import R1kitForCausalLM
+
+KERNEL = decode_attention.load_kernel()
+pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler: the engine gathers K/V instead")
+
+
+def naive(q, k_pool, v_pool, tables, contexts, lowest, block_size):
+    """Row by row, head by head: softmax(q·kᵀ/√D)·v over positions [lowest, context)."""
+    seqs, hq, _, dim = q.shape
+    group = hq // k_pool.shape[1]
+    out = torch.zeros(seqs, hq, 1, dim, dtype=torch.float64)
+    for s in range(seqs):
+        pos = torch.arange(int(lowest[s]), int(contexts[s]))
+        slots = tables[s][pos // block_size] * block_size + pos % block_size
+        for head in range(hq):
+            keys, values = k_pool[slots, head // group].double(), v_pool[slots, head // group].double()
+            weights = torch.softmax(keys @ q[s, head, 0].double() / dim**0.5, dim=0)
+            out[s, head, 0] = weights @ values
+    return out
+
+
+@st.composite
+def problems(draw):
+    seqs, hkv, group = draw(st.integers(1, 4)), draw(st.integers(1, 3)), draw(st.sampled_from([1, 2, 3, 4]))
+    dim = draw(st.sampled_from([8, 40, 64, 128]))
+    block_size = draw(st.integers(1, 8))
+    contexts = [draw(st.integers(1, 40)) for _ in range(seqs)]
+    lowest = [draw(st.integers(0, c - 1)) for c in contexts]
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    seed = draw(st.integers(0, 2**16))
+    return seqs, hkv, group, dim, block_size, contexts, lowest, dtype, seed
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_kernel_equals_naive_attention(problem):
+    seqs, hkv, group, dim, block_size, contexts, lowest, dtype, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-c // block_size) for c in contexts)
+    num_blocks = seqs * width + 3
+    k_pool = torch.randn(num_blocks * block_size, hkv, dim, generator=g).to(dtype)
+    v_pool = torch.randn(num_blocks * block_size, hkv, dim, generator=g).to(dtype)
+    # each row's blocks anywhere in the pool, in any order (what a block manager hands out)
+    tables = torch.randperm(num_blocks, generator=g)[: seqs * width].view(seqs, width).contiguous()
+    q = torch.randn(seqs, hkv * group, 1, dim, generator=g).to(dtype)
+    contexts_t, lowest_t = torch.tensor(contexts), torch.tensor(lowest)
+    out = KERNEL(q, k_pool, v_pool, tables, contexts_t, lowest_t, block_size)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = naive(q, k_pool, v_pool, tables, contexts_t, lowest_t, block_size)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
+    assert (out.double() - want).abs().max() <= tolerance * max(1.0, float(want.abs().max()))
+
+
+def test_engine_decodes_through_the_kernel(tiny_config):
+    model = R1kitForCausalLM(tiny_config(attention=("local", "hybrid"), local_window=5)).eval()
+    prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 10, 11], [3, 1, 4]]
+    params = SamplingParams(temperature=0, max_tokens=10)
+    want = [generate(model, p, params) for p in prompts]
+    llm = LLM(model, block_size=4, num_kv_blocks=32)
+    pool = llm.llm_engine.runner.pool
+    calls = []
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append(args[0].shape[0])
+            return KERNEL(*args)
+
+    pool.decode_kernel = Counting()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    # two layers; local and global branches for the hybrid one: three calls per decode step
+    assert len(calls) >= 3 * 9 and max(calls) == 2
+
+
+def test_loading_the_kernel_keeps_subnormal_floats():
+    # linking with -ffast-math would add crtfastmath.o, which flushes subnormals process-wide at load
+    assert float(np.float32(1e-40)) != 0.0 and float(torch.tensor(1e-40) * 1) != 0.0
+
+
+def test_no_compiler_is_a_clear_failure_and_the_engine_gathers(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        decode_attention.build(tmp_path / "cache")
+    model = R1kitForCausalLM(tiny_config()).eval()
+    llm = LLM(model, block_size=4, num_kv_blocks=16, decode_kernel=False)
+    assert llm.llm_engine.runner.pool.decode_kernel is None
+    params = SamplingParams(temperature=0, max_tokens=5)
+    assert llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids == generate(model, [1, 2, 3], params)
