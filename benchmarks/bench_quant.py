@@ -121,13 +121,18 @@ def bench_quality(args) -> None:
     enc = lambda texts: torch.tensor([i for t in texts for i in tok.encode(t).ids])
     train_ids, val_ids = enc(train_texts), enc(val_texts)
     train_blocks, val_blocks = windows(train_ids, args.seqlen), windows(val_ids, args.seqlen)[: args.eval_blocks]
+    if args.arch == "qwen2":  # Qwen2's shape: GQA 3:1, q/k/v bias, tied embeddings
+        shape = dict(num_kv_heads=max(1, args.hidden // 192), intermediate_size=args.ffn or args.hidden * 8 // 3, qkv_bias=True,
+                     tie_embeddings=True)
+    else:  # Llama's: GQA 2:1, no bias, separate lm_head
+        shape = dict(num_kv_heads=max(1, args.hidden // 128), intermediate_size=args.ffn or args.hidden * 3, tie_embeddings=False)
     config = ModelConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
-        num_kv_heads=max(1, args.hidden // 128), intermediate_size=args.hidden * 3, max_seq_len=args.seqlen,
+        max_seq_len=args.seqlen, **shape,
     )
     torch.manual_seed(0)
     model = R1kitForCausalLM(config)
-    print(f"quality model: {config.num_parameters() / 1e6:.2f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab "
+    print(f"quality model: {args.arch} shape, {config.num_parameters() / 1e6:.2f}M parameters ({args.layers} layers, hidden {args.hidden}, vocab "
           f"{config.vocab_size}); corpus {train_ids.numel()} train / {val_ids.numel()} held-out tokens ({time.perf_counter() - t0:.0f}s to prepare)")
     t0 = time.perf_counter()
     last = train(model, train_blocks, args.steps, args.batch, args.lr)
@@ -260,6 +265,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the quality model")
     p.add_argument("--hidden", type=int, default=256, help="hidden size of the quality model")
     p.add_argument("--layers", type=int, default=4, help="layers of the quality model")
+    p.add_argument("--arch", choices=["llama", "qwen2"], default="llama", help="shape of the quality model")
+    p.add_argument("--ffn", type=int, default=None, help="FFN size of the quality model (default 3x hidden, Qwen2 8/3x)")
     p.add_argument("--seqlen", type=int, default=128, help="training / evaluation / calibration sequence length")
     p.add_argument("--steps", type=int, default=300, help="training steps of the quality model")
     p.add_argument("--batch", type=int, default=16, help="training batch (sequences)")
