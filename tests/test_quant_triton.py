@@ -37,6 +37,10 @@ def test_auto_backend_choice(monkeypatch):
     layer.backend = "triton"
     with pytest.raises(RuntimeError, match="pip install triton"):
         layer(torch.randn(2, 128))
-    layer.backend = "fast"
     with pytest.raises(ValueError, match="backend"):
-        layer(torch.randn(2, 128))
+        layer.backend = "fast"
+    # a new backend undoes freeze(): the frozen CPU kernel must not keep answering
+    layer.backend = "auto"
+    assert layer.freeze() and layer._frozen is not None
+    layer.backend = "dequant"
+    assert layer._frozen is None
