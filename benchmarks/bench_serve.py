@@ -127,6 +127,20 @@ async def client_load(base: str, prompts: list[str], concurrency: int, max_token
     }  # fmt: skip
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of ``pid`` by thread name, from Linux's /proc."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended between listing and reading
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
 def direct_engine(model_dir: Path, max_num_seqs: int):
     from r1kit.data.tokenizer import load_tokenizer
     from r1kit.infer.engine import EngineConfig, LLMEngine
@@ -197,12 +211,17 @@ def main() -> None:
             # closed loop idles the engine between a client's requests) out of the server's figure.
             engine = direct_engine(model_dir, max_seqs)
             engine_direct(engine, prompts[:4], 4)  # warm-up
-            served = direct = 0.0
+            served = direct = http_cpu = 0.0
             for _ in range(args.rounds):
                 direct = max(direct, engine_direct(engine, prompts, args.max_tokens))
+                before = thread_cpu(server.pid).get("r1kit-http", 0.0)
                 served = max(served, asyncio.run(client_load(base, prompts, len(prompts), args.max_tokens))["tok_s"])
+                http_cpu += thread_cpu(server.pid).get("r1kit-http", 0.0) - before
             print(f"{len(prompts)} requests at once, {max_seqs} running at a time, best of {args.rounds} rounds: engine called directly "
                   f"{direct:.1f} tok/s | server {served:.1f} tok/s ({served / direct:.2f}x, {100 * (1 - served / direct):.1f}% lost)")  # fmt: skip
+            tokens = args.rounds * len(prompts) * args.max_tokens
+            print(f"the server's HTTP thread: {1e6 * http_cpu / tokens:.0f} µs of CPU per streamed token "
+                  f"({100 * http_cpu * served / tokens:.0f}% of a core at the served rate)")
         finally:
             server.terminate()
             server.wait(timeout=60)

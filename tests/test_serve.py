@@ -267,6 +267,9 @@ def test_api_key_and_graceful_shutdown(model_dir):
         ok = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
         assert ok.models.list().data[0].id == "tiny-r1"
         assert httpx.get(base + "/health").status_code == 200  # probes need no key
+        if sys.platform.startswith("linux"):  # the HTTP thread is named for top -H and profilers
+            names = {(task / "comm").read_text().strip() for task in Path(f"/proc/{proc.pid}/task").iterdir()}
+            assert "r1kit-http" in names
         # SIGTERM while a request streams: the server stops accepting but lets it finish
         body = {"model": "tiny-r1", "prompt": "x", "max_tokens": 40, "stream": True, "ignore_eos": True}
         finish = []
