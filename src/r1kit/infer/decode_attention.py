@@ -51,7 +51,16 @@ def _cpu_flags() -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("R1KIT_KERNEL_CACHE") or Path.home() / ".cache" / "r1kit" / "kernels")
+    """``$R1KIT_KERNEL_CACHE``, else ``~/.cache/r1kit/kernels``, else (no writable home) the temp folder."""
+    explicit = os.environ.get("R1KIT_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    home = Path.home() / ".cache" / "r1kit" / "kernels"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return Path(tempfile.gettempdir()) / "r1kit-kernels"
 
 
 def build(cache: Path | None = None) -> Path:
