@@ -14,6 +14,9 @@ from test_quant_packing import random_int4
 from r1kit.quant import int4_linear
 
 HERE = Path(__file__).parent
+# max |Δ| as a share of max |reference|: float32 runs an IEEE dot (only summation order differs);
+# float16/bfloat16 round the activations, the weight tile and the output
+RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.skipif(not int4_linear.triton_available(), reason="triton is not installed (pip install triton)")
@@ -44,3 +47,15 @@ def test_auto_backend_choice(monkeypatch):
     assert layer.freeze() and layer._frozen is not None
     layer.backend = "dequant"
     assert layer._frozen is None
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and int4_linear.triton_available()), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_kernel_on_cuda(dtype):
+    """The same kernel compiled for the GPU (what `auto` runs on CUDA), against the dequantize reference."""
+    layer = random_int4(256, 96, 64, act_order=True, bias=True).to("cuda", dtype)
+    x = torch.randn(7, 256, device="cuda").to(dtype)
+    ref = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+    assert layer.resolved_backend(x.device) == "triton"
+    out = layer(x)
+    assert out.dtype == dtype and (out.float() - ref).abs().max() <= RTOL[dtype] * ref.abs().max()

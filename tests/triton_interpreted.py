@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_quant_helpers import trained_model
 from test_quant_packing import random_int4
+from test_quant_triton import RTOL
 
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
@@ -19,9 +20,6 @@ from r1kit.quant.int4_linear import Int4Linear
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_quant_triton.py (TRITON_INTERPRET=1)"
 
-# max |Δ| as a share of max |reference|: float32 runs an IEEE dot (only summation order differs);
-# float16/bfloat16 round the activations, the weight tile and the output
-RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
