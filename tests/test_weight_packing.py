@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit import LLM, SamplingParams
-from r1kit.infer.weight_packing import FusedPackedLinear, PackedLinear, pack_linears, packing_supported
+from r1kit.infer.weight_packing import SMALL_WEIGHT, FusedPackedLinear, PackedLinear, pack_linears, packing_supported
 from r1kit.model import R1kitForCausalLM
 from r1kit.model.hf import load_model
 
@@ -15,11 +15,14 @@ pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 48), (5, 48), (2, 3, 48), (0, 48)])
-def test_packed_linear_equals_f_linear(bias, shape):
-    linear = nn.Linear(48, 80, bias=bias)
+@pytest.mark.parametrize("rows", [(1,), (5,), (2, 3), (0,)])
+@pytest.mark.parametrize("features", [(48, 80), (512, 640)], ids=["small", "large"])
+def test_packed_linear_equals_f_linear(bias, rows, features):
+    linear = nn.Linear(*features, bias=bias)
     packed = PackedLinear.from_linear(linear)
-    x = torch.randn(shape)
+    # a small layer keeps its plain weight for one-row products (MKL beats oneDNN's call overhead there)
+    assert (packed.plain is not None) == (linear.weight.numel() <= SMALL_WEIGHT)
+    x = torch.randn(*rows, features[0])
     with torch.inference_mode():
         got, want = packed(x), F.linear(x, linear.weight, linear.bias)
     assert got.shape == want.shape

@@ -5,7 +5,9 @@ weights stream from memory. PyTorch's default CPU ``F.linear`` (MKL, plain row-m
 reaches about 40% of this machine's read bandwidth on them; the same product over a weight that
 oneDNN has reordered for a small batch (``mkldnn._reorder_linear_weight``, the packing
 ``torch.compile``'s CPU backend applies under ``freezing``) reaches about 80%, and is also faster for
-prefill-sized inputs (``benchmarks/bench_engine.py`` measures the effect end to end).
+prefill-sized inputs (``benchmarks/bench_engine.py`` measures the effect end to end). A packed call
+has a fixed cost of ~13 µs, so small layers (``SMALL_WEIGHT``) also keep their plain weight for
+one-row products, where ``F.linear`` is faster.
 
 :func:`pack_linears` swaps a model's ``nn.Linear`` layers for :class:`PackedLinear` in place. The
 packed modules are inference-only (no gradients); their ``state_dict`` still holds the plain
@@ -16,11 +18,16 @@ stay plain; int4 GPTQ layers keep their own kernel, their q/k/v and gate/up fuse
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # The batch size the weight layout is tuned for: at 16 the 1-, 8- and 16-row products all run
 # within a few percent of their own best layout (measured on AVX-512, see the module docstring).
 BATCH_HINT = 16
+# A packed call costs ~13 µs whatever the weight's size; for one row and a weight up to this many
+# elements, MKL's F.linear on the plain weight is faster (one row: 256×256, 4 µs against 17 µs;
+# 768×256, 10 against 19; even at 256×1536, 24 against 25), so such layers keep the plain weight too.
+SMALL_WEIGHT = 256 * 1024
 
 
 def packing_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -42,6 +49,7 @@ class PackedLinear(nn.Module):
         self.dtype = weight.dtype
         # an opaque tensor (not a buffer): state_dict and .to() must not see it, see _save_to_state_dict
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
+        self.plain = weight.detach() if weight.numel() <= SMALL_WEIGHT else None
         self.bias = None if bias is None else bias.detach().clone()
 
     @classmethod
@@ -51,6 +59,8 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.dtype:
             raise TypeError(f"PackedLinear holds {self.dtype} weights but got a {x.dtype} input; pack after casting the model")
+        if self.plain is not None and x.numel() == self.in_features:  # one row of a small layer: see SMALL_WEIGHT
+            return F.linear(x, self.plain, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
