@@ -98,3 +98,14 @@ def test_no_compiler_is_a_clear_failure_and_the_engine_gathers(tiny_config, tmp_
     assert llm.llm_engine.runner.pool.decode_kernel is None
     params = SamplingParams(temperature=0, max_tokens=5)
     assert llm.generate([[1, 2, 3]], params)[0].outputs[0].token_ids == generate(model, [1, 2, 3], params)
+
+
+def test_bad_inputs_are_clear_errors():
+    pool = torch.zeros(8, 2, 16)
+    tables, contexts, lowest = torch.zeros(1, 2, dtype=torch.long), torch.tensor([3]), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="bad head grouping"):  # 3 query heads cannot share 2 KV heads
+        KERNEL(torch.zeros(1, 3, 1, 16), pool, pool, tables, contexts, lowest, 4)
+    with pytest.raises(TypeError, match="int64"):
+        KERNEL(torch.zeros(1, 4, 1, 16), pool, pool, tables.int(), contexts, lowest, 4)
+    with pytest.raises(ValueError, match="k_pool must be contiguous"):
+        KERNEL(torch.zeros(1, 4, 1, 16), pool.transpose(0, 1), pool, tables, contexts, lowest, 4)

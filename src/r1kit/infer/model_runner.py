@@ -38,21 +38,14 @@ class ModelRunner:
         packed = [items[i] for i in order]
         view = PackedBatch(self.pool, [(seq.block_table, seq.num_computed_tokens, n, seq.window) for seq, n in packed], self.device)
         tokens = torch.tensor([t for seq, n in packed for t in seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n]], device=self.device)
-        wants_all = [self._wants_all(seq) for seq, _ in packed]
-        logits = self.model(tokens[None], positions=view.positions, cache=view, window=view.window, select=None if any(wants_all) else view.last)[0]
-        newest = logits[view.last] if any(wants_all) else logits
-        full: list[torch.Tensor | None] = [None] * len(items)
-        if any(wants_all):
-            ends = view.last.tolist()
-            for row, i in enumerate(order):
-                if wants_all[row]:
-                    full[i] = logits[ends[row] - packed[row][1] + 1 : ends[row] + 1]
-        if order != list(range(len(order))):
-            inverse = [0] * len(order)
-            for row, i in enumerate(order):
-                inverse[i] = row
-            newest = newest[torch.tensor(inverse, device=self.device)]
-        return newest, full
+        newest = view.last[torch.tensor(order, device=self.device).argsort()]  # each item's newest column, in items' order
+        wants_all = [self._wants_all(seq) for seq, _ in items]
+        if not any(wants_all):
+            return self.model(tokens[None], positions=view.positions, cache=view, window=view.window, select=newest)[0], [None] * len(items)
+        logits = self.model(tokens[None], positions=view.positions, cache=view, window=view.window)[0]
+        ends = newest.tolist()
+        full = [logits[ends[i] - n + 1 : ends[i] + 1] if wants_all[i] else None for i, (_, n) in enumerate(items)]
+        return logits[newest], full
 
     def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
         # every row computes one token: [B, 1] is already packed, and the PagedBatch is the whole view

@@ -117,12 +117,10 @@ class PagedBatch:
         if not bool(local_lowest.any()):
             self._lowest["local"] = self._lowest["full"]  # every window reaches position 0: one layout
         self._layouts: dict[str, _Layout] = {}
-        self._masks: dict[tuple[int, str], torch.Tensor] = {}
+        self._masks: dict[tuple[str, str], torch.Tensor] = {}  # (layout, kind)
         self._current = "full"
 
     def _layout(self, name: str) -> _Layout:
-        if self._lowest[name] is self._lowest["full"]:
-            name = "full"
         layout = self._layouts.get(name)
         if layout is None:
             layout = self._layouts[name] = _Layout(self._lowest[name], self.contexts, self._slots)
