@@ -1,7 +1,8 @@
 """Benchmark: the r1kit engine vs the reference loop and Hugging Face ``generate`` (issue 5).
 
 On the same Qwen2-architecture weights (random, created locally by ``transformers`` and loaded by
-both libraries), float32, for each model size it prints, in one run:
+both libraries), float32 on the CPU unless ``--device``/``--dtype`` say otherwise, for each model size
+it prints, in one run:
 
 * decode tokens/s at each batch size (concurrent requests): the r1kit engine, the r1kit reference
   loop (requests one after another: its rate does not depend on the batch, so it is timed on at most
@@ -13,15 +14,15 @@ both libraries), float32, for each model size it prints, in one run:
   only reads its weights, so the read figure is its hardware limit;
 * continuous batching: throughput when the requests arrive two per step (most steps mix prefill
   chunks with decodes, in one forward) against all of them queued at once;
-* decode attention: the engine reading K/V in place (the paged decode kernel) vs gathering them
-  out of the pool, at the largest batch;
+* decode attention (CPU): the engine reading K/V in place (the paged decode kernel) vs gathering
+  them out of the pool, at the largest batch;
 * time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached.
 
 All measurements of a model are taken round-robin for ``--repeats`` rounds and the best of each is
 reported, so a machine shared with other work disturbs the ratios as little as it can.
 
 Usage: python benchmarks/bench_engine.py [--models 11m,100m] [--batch-sizes 1,8,16] [--prompt-len 128]
-       [--new-tokens 128] [--prefix-len 2048] [--threads 2] [--no-hf]
+       [--new-tokens 128] [--prefix-len 2048] [--threads 2] [--no-hf] [--device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def make_checkpoint(size: str, path: str) -> None:
 
 def time_hf(model, prompts: list[list[int]], new_tokens: int) -> float:
     """Decode tokens/s of ``generate`` on the batch: (run of N tokens − run of 1 token)."""
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=model.device)
     mask = torch.ones_like(ids)
     kwargs = dict(attention_mask=mask, do_sample=False, pad_token_id=0)
 
@@ -85,33 +86,38 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds; the best of each is reported")
+    ap.add_argument("--device", default="cpu", help="torch device of both engines, e.g. cuda (default cpu)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype of both engines")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    on_cpu = torch.device(args.device).type == "cpu"
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     from r1kit.infer.llm import LLM
     from r1kit.model.hf import load_model
 
-    bandwidth, read = memory_bandwidth()
-    print(f"# r1kit engine benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, float32, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    bandwidth, read = memory_bandwidth(args.device)
+    where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if on_cpu else torch.cuda.get_device_name(args.device)
+    print(f"# r1kit engine benchmark: {where}, torch {torch.__version__}, {args.dtype}, prompt {args.prompt_len}, "
+          f"{args.new_tokens} new tokens")
     print(f"# memory bandwidth: copy (read + write) {bandwidth / 1e9:.1f} GB/s, read {read / 1e9:.1f} GB/s")
     for size in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             make_checkpoint(size, tmp)
-            model = load_model(tmp, dtype=torch.float32).eval()
+            model = load_model(tmp, dtype=dtype, device=args.device).eval()
             # the engine packs its model's weights in place; the reference loop runs the plain model
-            plain = load_model(tmp, dtype=torch.float32).eval()
+            plain = load_model(tmp, dtype=dtype, device=args.device).eval()
             hf = None
             if not args.no_hf:
                 from transformers import AutoModelForCausalLM
 
-                hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+                hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
         nbytes = model_bytes(model)
         nparams = sum(p.numel() for p in model.parameters())
         max_len = max(args.prompt_len + args.new_tokens, args.prefix_len + 1)
         llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
         # the same model (already packed) with decodes gathering K/V out of the pool, as prefills do
-        gather = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_kernel=False)
+        gather = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_kernel=False) if on_cpu else None
         time_engine(llm, random_prompts(2, 16, 32000, 99), 4)  # warm-up
         # round-robin rounds; the best of each (the least disturbed by other processes) is reported
         engine = {b: [] for b in sizes}
@@ -119,7 +125,8 @@ def main() -> None:
         hf_tps = {b: [] for b in sizes}
         reference, gathered = [], []
         for _ in range(args.repeats):
-            gathered.append(time_engine(gather, random_prompts(max(sizes), args.prompt_len, 32000, max(sizes)), args.new_tokens)["decode_tps"])
+            if gather is not None:
+                gathered.append(time_engine(gather, random_prompts(max(sizes), args.prompt_len, 32000, max(sizes)), args.new_tokens)["decode_tps"])
             reference.append(time_reference(plain, random_prompts(args.reference_requests, args.prompt_len, 32000, 7), args.new_tokens)["decode_tps"])
             for b in sizes:
                 prompts = random_prompts(b, args.prompt_len, 32000, b)
@@ -139,8 +146,9 @@ def main() -> None:
             achieved = nbytes * max(engine[1])
             print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy, {100 * achieved / read:.0f}% of read bandwidth")
         e = max(engine[max(sizes)])
-        print(f"decode attention at batch {max(sizes)}: paged kernel {e:.1f} tok/s, gathering K/V {max(gathered):.1f} tok/s "
-              f"({e / max(gathered):.2f}x)")
+        if gathered:
+            print(f"decode attention at batch {max(sizes)}: paged kernel {e:.1f} tok/s, gathering K/V {max(gathered):.1f} tok/s "
+                  f"({e / max(gathered):.2f}x)")
         # continuous batching: the same requests arriving a few per step (mixed prefill + decode steps)
         arrivals = random_prompts(2 * max(sizes), args.prompt_len, 32000, 5)
         at_once = max(time_arrivals(llm, arrivals, 32, None) for _ in range(2))

@@ -4,6 +4,7 @@ FFN kind; the streaming interface, abort, and the errors a request can get."""
 
 import pytest
 import torch
+from devices import CUDA, DEVICES
 
 from r1kit import LLM, SamplingParams
 from r1kit.errors import ConfigError
@@ -25,15 +26,15 @@ def reference(model, prompts, params=GREEDY, eos_ids=()):
 
 @pytest.mark.parametrize("attention", ["global", "local", "hybrid", ("local", "global")])
 @pytest.mark.parametrize("ffn", ["dense", "topk"])
-@pytest.mark.parametrize("decode_kernel", [True, False], ids=["kernel", "gather"])
-def test_greedy_equals_reference_with_chunks_prefix_hits_and_preemption(tiny_config, attention, ffn, decode_kernel):
-    model = R1kitForCausalLM(tiny_config(attention=attention, ffn=ffn)).eval()
+@pytest.mark.parametrize("where", ["kernel", "gather", CUDA])  # CPU decodes through the paged kernel or a gather; CUDA
+def test_greedy_equals_reference_with_chunks_prefix_hits_and_preemption(tiny_config, attention, ffn, where):
+    model = R1kitForCausalLM(tiny_config(attention=attention, ffn=ffn)).eval().to("cuda" if where == "cuda" else "cpu")
     prompts = prompts_of([3, 9, 17, 6, 12])
     prompts.append(prompts[2][:13] + [1, 2])  # shares 3 full blocks with the 17-token prompt
     want = reference(model, prompts)
     # 14 blocks of 4 tokens cannot hold six requests of up to 29 tokens: decodes must preempt
-    llm = LLM(model, block_size=4, num_kv_blocks=14, max_num_batched_tokens=10, decode_kernel=decode_kernel)
-    assert (llm.llm_engine.runner.pool.decode_kernel is not None) == decode_kernel
+    llm = LLM(model, block_size=4, num_kv_blocks=14, max_num_batched_tokens=10, decode_kernel=where != "gather")
+    assert (llm.llm_engine.runner.pool.decode_kernel is not None) == (where == "kernel")  # the C kernel is CPU-only
     first = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in first] == want
     # (an all-local model frees the blocks its window has left, and fits without preempting)
@@ -80,8 +81,9 @@ def test_eos_and_stop_ids_end_requests_like_the_reference(tiny_config):
             assert o.outputs[0].finish_reason == "length" and len(ids) == 30
 
 
-def test_seeded_sampling_matches_reference_whatever_the_batch(tiny_config):
-    model = R1kitForCausalLM(tiny_config(attention="hybrid")).eval()
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_sampling_matches_reference_whatever_the_batch(tiny_config, device):
+    model = R1kitForCausalLM(tiny_config(attention="hybrid")).eval().to(device)
     params = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, repetition_penalty=1.1, max_tokens=16, seed=7)
     prompt = prompts_of([6])[0]
     want = generate(model, prompt, params)
@@ -92,8 +94,9 @@ def test_seeded_sampling_matches_reference_whatever_the_batch(tiny_config):
     assert alone == crowded == want
 
 
-def test_bfloat16_runs_and_mostly_agrees(tiny_config):
-    model = R1kitForCausalLM(tiny_config(attention="hybrid", ffn="topk")).eval().to(torch.bfloat16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bfloat16_runs_and_mostly_agrees(tiny_config, device):
+    model = R1kitForCausalLM(tiny_config(attention="hybrid", ffn="topk")).eval().to(device, torch.bfloat16)
     prompts = prompts_of([5, 9])
     outs = LLM(model, block_size=4, num_kv_blocks=32).generate(prompts, GREEDY)
     want = reference(model, prompts)

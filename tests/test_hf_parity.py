@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from devices import DEVICES
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from r1kit.model import R1kitForCausalLM, load_model
@@ -52,11 +53,12 @@ def greedy(model_call, prompt, steps):
     return tokens[:, prompt.shape[1] :]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_and_greedy_match_transformers(case, tmp_path):
-    hf = make_hf(case, tmp_path)
-    ours = load_model(tmp_path / "hf", dtype=torch.float32)
-    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+def test_logits_and_greedy_match_transformers(case, device, tmp_path):
+    hf = make_hf(case, tmp_path).to(device)
+    ours = load_model(tmp_path / "hf", dtype=torch.float32, device=device)
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(1)).to(device)
     with torch.no_grad():
         expected = hf(tokens).logits
         got = ours(tokens)

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from devices import DEVICES
 from safetensors.torch import load_file, save_file
 from test_quant_helpers import markov_tokens, one_thread, trained_model  # noqa: F401 (one_thread: an autouse fixture)
 
@@ -193,13 +194,14 @@ def test_corrupt_or_mismatched_checkpoint_gives_clear_error(quantized_dir, tmp_p
         load_model(path)
 
 
-def test_engine_serves_a_quantized_checkpoint(quantized_dir):
+@pytest.mark.parametrize("device", DEVICES)
+def test_engine_serves_a_quantized_checkpoint(quantized_dir, device):
     from r1kit.infer.llm import LLM
 
     path, _ = quantized_dir
-    model = load_model(path)
+    model = load_model(path, device=device)
     prompts = [markov_tokens(1, n, seed=s)[0].tolist() for n, s in ((5, 11), (9, 12))]
-    llm = LLM(path, block_size=4)
+    llm = LLM(path, block_size=4, device=device)
     outs = llm.generate(prompts, GREEDY)
     for prompt, out in zip(prompts, outs):
         assert list(out.outputs[0].token_ids) == generate(model, prompt, GREEDY)

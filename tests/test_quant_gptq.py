@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from devices import DEVICES
 from test_quant_helpers import (  # noqa: F401 (one_thread: an autouse fixture)
     markov_tokens,
     one_thread,
@@ -83,11 +84,12 @@ KINDS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_every_attention_and_ffn_kind_quantizes_and_decodes(kind):
+def test_every_attention_and_ffn_kind_quantizes_and_decodes(kind, device):
     torch.manual_seed(0)
-    model = R1kitForCausalLM(tiny_config(**KINDS[kind])).eval()
-    calib = markov_tokens(8, 32, seed=3)
+    model = R1kitForCausalLM(tiny_config(**KINDS[kind])).eval().to(device)
+    calib = markov_tokens(8, 32, seed=3).to(device)
     results = quantize_model(model, QuantConfig(group_size=64, block_size=32), calib, batch_size=4)
     with torch.no_grad():
         fake = model(calib)
@@ -98,7 +100,7 @@ def test_every_attention_and_ffn_kind_quantizes_and_decodes(kind):
         if attn.kind == "hybrid":  # the gate stays float
             assert all(isinstance(m, torch.nn.Linear) for m in attn.gate if not isinstance(m, torch.nn.SiLU))
     with torch.no_grad():
-        out = model(calib)  # the int4 kernel (bf16 activations)
+        out = model(calib)  # the int4 kernel (CPU: bf16 activations; CUDA: Triton)
         for m in model.modules():
             if isinstance(m, Int4Linear):
                 m.backend = "dequant"

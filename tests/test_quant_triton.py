@@ -50,11 +50,13 @@ def test_auto_backend_choice(monkeypatch):
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and int4_linear.triton_available()), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize("rows,act_order", [(1, False), (7, True), (40, True)], ids=["gemv", "dot-act-order", "dequant-cublas"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_triton_kernel_on_cuda(dtype):
-    """The same kernel compiled for the GPU (what `auto` runs on CUDA), against the dequantize reference."""
-    layer = random_int4(256, 96, 64, act_order=True, bias=True).to("cuda", dtype)
-    x = torch.randn(7, 256, device="cuda").to(dtype)
+def test_triton_kernel_on_cuda(dtype, rows, act_order):
+    """The same kernels compiled for the GPU (what `auto` runs on CUDA), against the dequantize
+    reference: one row, a few rows (launch shape chosen by timing), many rows (dequantize + cuBLAS)."""
+    layer = random_int4(256, 96, 64, act_order=act_order, bias=True).to("cuda", dtype)
+    x = torch.randn(rows, 256, device="cuda").to(dtype)
     ref = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
     assert layer.resolved_backend(x.device) == "triton"
     out = layer(x)

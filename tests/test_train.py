@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from devices import needs_cuda
 
 from r1kit.config import ModelConfig
 from r1kit.data.records import write_json
@@ -151,11 +152,11 @@ def test_two_processes_on_gloo_match_one_process(shards, tmp_path, mode):
     """DDP: each rank takes half the batch; TP: each rank holds half of every block. Same losses and weights."""
     tp = 2 if mode == "tp" else 1
     micro = 4 if mode == "tp" else 2
-    single = Trainer(MODEL, make(shards, tmp_path / "one", micro_batch_size=4, max_steps=4, save_every=2))
+    single = Trainer(MODEL, make(shards, tmp_path / "one", micro_batch_size=4, max_steps=4, save_every=2, device="cpu"))
     single.run()
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml_of(MODEL, data=shards, out=tmp_path / "two", seq_len=16, micro_batch_size=micro, max_steps=4, warmup_steps=2,
-                           lr=3.0e-3, eval_every=0, log_every=1, save_every=2, eval_batches=2, tensor_parallel=tp))  # fmt: skip
+                           lr=3.0e-3, eval_every=0, log_every=1, save_every=2, eval_batches=2, tensor_parallel=tp, device="cpu"))  # fmt: skip
     r = torchrun(cfg, "--max-steps", "2", port=29517 + tp)
     assert r.returncode == 0, r.stderr[-3000:]
     r = torchrun(cfg, "--resume", port=29527 + tp)  # continue from the step-2 checkpoint to step 4
@@ -169,6 +170,16 @@ def test_two_processes_on_gloo_match_one_process(shards, tmp_path, mode):
     a, b = load_model(tmp_path / "one" / "model"), load_model(tmp_path / "two" / "model")
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    from r1kit.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one past the last GPU (0 here: none at all)
+    with pytest.raises(ConfigError, match="needs its own GPU.*train.device=cpu"):
+        distributed.setup(device="cuda")
 
 
 @pytest.mark.parametrize("attention,ffn,gate", [("hybrid", "topk", "head"), ("hybrid", "topk", "token"), ("global", "dense", "token")])
@@ -190,6 +201,7 @@ def test_tensor_parallel_step_matches_one_device(attention, ffn, gate):
         ("  grad_accum: 0\n", "train.grad_accum=0 must be a positive integer"),
         ("  learning_rate: 0.1\n", "unknown field\\(s\\) 'learning_rate'"),
         ("  precision: fp8\n", "precision='fp8' is not one of"),
+        ("  device: tpu\n", "device='tpu' must be auto"),
     ],
 )
 def test_bad_run_configs(tmp_path, train, match):
@@ -205,12 +217,15 @@ def test_seed_reference_config_loads_with_the_seed_hyper_parameters():
     assert model.dropout == 0.1 and set(model.ffn) == {"topk"} and "hybrid" in model.attention
 
 
-def test_bf16_autocast_trains(shards, tmp_path):
-    t = Trainer(MODEL, make(shards, tmp_path / "bf16", precision="bf16", max_steps=3, save_every=10))
+@pytest.mark.parametrize("precision, device", [("bf16", "cpu"), pytest.param("bf16", "cuda", marks=needs_cuda),
+                                               pytest.param("fp16", "cuda", marks=needs_cuda)])
+def test_mixed_precision_trains(shards, tmp_path, precision, device):
+    out = tmp_path / precision
+    t = Trainer(MODEL, make(shards, out, precision=precision, device=device, max_steps=3, save_every=10))
     summary = t.run()
-    losses = [json.loads(l)["loss"] for l in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(losses)) and np.isfinite(summary["val_loss"])
-    assert t.model.dtype == torch.float32  # autocast keeps float32 master weights
+    assert t.model.dtype == torch.float32 and t.model.device.type == device  # autocast keeps float32 master weights
 
 
 def test_fp16_needs_cuda(shards, tmp_path):

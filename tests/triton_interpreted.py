@@ -17,6 +17,7 @@ from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
 from r1kit.quant import QuantConfig, quantize_model, to_int4
 from r1kit.quant.int4_linear import Int4Linear
+from r1kit.quant.triton_int4 import Tiles, candidate_tiles, default_tiles, dequantize, int4_gptq_matmul
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_quant_triton.py (TRITON_INTERPRET=1)"
 
@@ -36,6 +37,40 @@ def test_triton_matches_dequantized_reference(dtype, in_f, out_f, group_size, ac
     out = layer(x)
     assert out.dtype == dtype and out.shape == (rows, out_f)
     assert (out.float() - ref).abs().max() <= RTOL[dtype] * ref.abs().max()
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["contiguous-groups", "act-order"])
+@pytest.mark.parametrize(
+    "tiles", [Tiles(1, 32, 64, split_k=2), Tiles(16, 64, 64, split_k=3), Tiles(16, 32, 128), Tiles(1, 128, 128, split_k=2)],
+    ids=["gemv-split2", "dot-split3-uneven", "dot-group-not-a-tile-multiple", "gemv-wide"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launch_shapes_split_k_and_group_paths_agree(tiles, dtype, act_order):
+    layer = random_int4(320, 96, 64, act_order=act_order).to(dtype)
+    x = torch.randn(tiles.block_m if tiles.block_m == 1 else 5, 320).to(dtype)
+    ref = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32))
+    group_k = layer._contiguous_group()
+    assert group_k == (0 if act_order else 64)
+    out = int4_gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.zero_offset, group_k, tiles)
+    assert out.dtype == dtype and (out.float() - ref).abs().max() <= RTOL[dtype] * ref.abs().max()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_many_rows_dequantize_then_multiply(act_order):
+    layer = random_int4(256, 48, 32, act_order=act_order)
+    assert torch.equal(dequantize(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.zero_offset, torch.float32),
+                       layer.dequantized_weight(torch.float32).t())
+    x = torch.randn(2, 20, 256)  # 40 rows: above SMALL_M
+    out = int4_gptq_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.zero_offset)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.dequantized_weight(torch.float32)), atol=1e-5, rtol=1e-5)
+
+
+def test_candidate_tiles():
+    assert default_tiles(1).block_m == 1 and default_tiles(7).block_m == 16
+    tiles = candidate_tiles(1, 4096)
+    assert len(tiles) == 16 and {t.block_m for t in tiles} == {1} and {t.split_k for t in tiles} == {1, 2, 4, 8}
+    assert all(512 >= 2 * t.block_k * t.split_k for t in candidate_tiles(16, 512))  # every split keeps two k-steps
+    assert candidate_tiles(16, 64) == []  # too short to split or tile twice: the default runs
 
 
 def test_triton_model_generates_as_the_reference():

@@ -10,8 +10,9 @@ quantized model saves and loads in the GPTQ layout with no renaming. Two ways to
   The kernel runs on bfloat16 activations (its float32 path is a slow fallback), so inputs are cast
   to bf16 and outputs back. Act-order checkpoints (non-monotonic ``g_idx``) are handled by sorting
   the input features by group once and gathering the activations' columns the same way.
-* ``triton`` (CUDA): :mod:`r1kit.quant.triton_int4`, a Triton kernel that unpacks the GPTQ tensors
-  as stored, tile by tile, inside the matmul (act-order included). Used on CUDA when ``triton`` is
+* ``triton`` (CUDA): :mod:`r1kit.quant.triton_int4`, Triton kernels that read the GPTQ tensors as
+  stored (act-order included): unpacked tile by tile inside the matmul for up to 16 rows,
+  dequantized once per call for cuBLAS above that. Used on CUDA when ``triton`` is
   installed; on the CPU it runs only under Triton's interpreter, which is how the tests check it.
 * ``dequant``: unpack to a float weight and ``F.linear`` (the reference; used wherever neither kernel
   applies: the CPU kernel needs out_features % 16 and groups of 32/64/128/256, the GPU one triton).
@@ -68,6 +69,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
         self._kernel: tuple | None = None  # (device and weights version, kernel state or None)
         self._frozen: tuple | None = None  # the kernel state fixed by freeze()
+        self._groups: tuple | None = None  # (g_idx device and version, contiguous group size or 0)
         self.backend = "auto"
 
     @classmethod
@@ -99,14 +101,26 @@ class Int4Linear(nn.Module):
 
     def _group_order(self) -> torch.Tensor | None:
         """Input order that makes groups contiguous: empty when already so, None when group sizes forbid it."""
+        if self._groups_contiguous():
+            return torch.arange(0)
         size = packing.group_span(self.in_features, self.group_size)
         g = self.g_idx.long()
-        if bool((g == torch.arange(self.in_features, device=g.device) // size).all()):
-            return torch.arange(0)
         counts = torch.bincount(g, minlength=self.in_features // size)
         if bool((counts != size).any()):
             return None
         return torch.argsort(g, stable=True)
+
+    def _contiguous_group(self) -> int:
+        """The group size when ``g_idx`` is ``k // group`` (no act-order), else 0; checked once per
+        ``g_idx`` version and device (the check reads the GPU)."""
+        key = (self.g_idx.device, self.g_idx._version)
+        if self._groups is None or self._groups[0] != key:
+            self._groups = (key, packing.group_span(self.in_features, self.group_size) if self._groups_contiguous() else 0)
+        return self._groups[1]
+
+    def _groups_contiguous(self) -> bool:
+        size = packing.group_span(self.in_features, self.group_size)
+        return bool((self.g_idx.long() == torch.arange(self.in_features, device=self.g_idx.device) // size).all())
 
     def _kernel_state(self, device: torch.device) -> tuple | None:
         """(packed weight, scales-and-zeros, input order or None, kernel group), built once per device and
@@ -182,7 +196,7 @@ class Int4Linear(nn.Module):
             raise RuntimeError(f"backend='triton' needs the triton package (pip install triton) for {self.extra_repr()}")
         from r1kit.quant.triton_int4 import int4_gptq_matmul
 
-        out = int4_gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset)
+        out = int4_gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset, self._contiguous_group())
         return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,73 +1,219 @@
-"""The GPU int4 kernel: a Triton matmul that reads GPTQ's packed tensors as they are stored.
+"""The GPU int4 kernels: Triton code that reads GPTQ's packed tensors as they are stored.
 
 ``y = x · W`` with ``W[k, n] = scales[g, n] · (code[k, n] − zero[g, n])`` and ``g = g_idx[k]``, where
 ``code`` comes out of ``qweight`` (int32 [K/8, N], input ``k`` in bits ``4·(k mod 8)`` of row ``k/8``)
 and ``zero`` out of ``qzeros`` (int32 [G, N/8], output ``n`` in bits ``4·(n mod 8)``) plus the
-format's offset (1 for v1). Each program computes one ``BLOCK_M × BLOCK_N`` tile of ``y``: it walks
-``K`` in ``BLOCK_K`` steps, unpacks that slice of ``W`` in registers (the weight never exists in
-float in memory), and accumulates ``x_tile · W_tile`` in float32 with ``tl.dot``. Because every input
-row looks its group up through ``g_idx``, act-order checkpoints need no reordering. This is the
-layout-preserving design of GPTQ-for-LLaMa's and GPTQModel's Triton kernels: no repacking at load.
-float16 activations meet float16 weight tiles in the dot; bfloat16 ones go through a float32 (TF32)
-dot, which costs nothing where decoding is bound by weight reads and is the path Triton's CPU
-interpreter computes correctly (its bfloat16 dot does not); float32 ones use an IEEE dot.
+format's offset (1 for v1). Nothing is repacked at load (act-order checkpoints included), as in
+GPTQ-for-LLaMa's and GPTQModel's Triton kernels. Two paths, by the number of rows ``M``:
 
-The same kernel runs on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set before this
-module is imported), which is how the tests check it against the dequantize reference on machines
+* **M ≤ 16** (decoding): :func:`_int4_matmul_small`. Each program reads a ``BLOCK_K × BLOCK_N``
+  slice of ``qweight`` once (``BLOCK_K/8`` words per column), unpacks it in registers (the weight
+  never exists in float in memory) and accumulates in float32: a dot product over ``K`` for one
+  row, ``tl.dot`` on a 16-row tile otherwise. Where groups are contiguous (no act-order) and a
+  multiple of ``BLOCK_K``, a tile lies in one group, so its scales and zeros are one vector each;
+  act-order tiles look each row's group up through ``g_idx``. A decode-sized product has few output
+  tiles, so ``K`` is split over several programs that add their partial sums atomically (split-K,
+  as vLLM's and GPTQModel's Triton kernels do). The launch shape is picked per (rows, shape, dtype)
+  the first time it is met on a GPU, by timing :func:`candidate_tiles` with CUDA events, and kept
+  (Triton's autotuning, done here so the interpreter needs none).
+* **M > 16** (prefill): the weight is compute's to reuse, not memory's, so :func:`_int4_dequantize`
+  writes it out in the activations' dtype and cuBLAS multiplies (exllama's choice for long inputs).
+
+float16 activations meet float16 weight tiles in ``tl.dot``; bfloat16 ones go through a float32
+(TF32) dot, which is the path Triton's CPU interpreter computes correctly (its bfloat16 dot does
+not); float32 ones use an IEEE dot, so they match the float reference.
+
+The kernels run on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set before this module
+is imported), which is how the tests check them against the dequantize reference on machines
 without a GPU. Importing this module needs ``triton`` (``pip install triton``; CUDA builds of torch
 bring it).
 """
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64
-BLOCK_K = 64
+SMALL_M = 16  # up to this many rows the fused kernel; above it dequantize + cuBLAS
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """One launch shape of :func:`_int4_matmul_small`: each program computes ``block_m × block_n``
+    outputs over ``1/split_k`` of ``K`` (split-K programs add into a float32 buffer)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+
+
+def default_tiles(M: int) -> Tiles:
+    """The untimed launch shape (the interpreter's): one program per 64 × 64 output tile."""
+    return Tiles(1 if M == 1 else 16, 64, 64)
+
+
+def candidate_tiles(M: int, K: int) -> list[Tiles]:
+    """The launch shapes timed on a GPU: every split keeps at least two ``block_k`` steps per program."""
+    block_m = 1 if M == 1 else 16
+    return [Tiles(block_m, bn, bk, split) for bn, bk, split in itertools.product((64, 128), (64, 128), (1, 2, 4, 8))
+            if K >= 2 * bk * split]
 
 
 @triton.jit
-def _int4_gptq_matmul(
+def _int4_matmul_small(
     x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, out_ptr,
-    M, N, K, zero_offset,
-    stride_xm, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr, IEEE: tl.constexpr,
+    M, N, K, zero_offset, k_per_split, stride_xm,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILE_GROUP: tl.constexpr,
+    HALF: tl.constexpr, IEEE: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     zero_shift = (offs_n % 8) * 4
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    nibble = tl.arange(0, 8) * 4
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        tile_mask = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(qweight_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=tile_mask, other=0)
-        codes = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
-        group = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
-        zero_words = tl.load(qzeros_ptr + group[:, None] * (N // 8) + offs_n[None, :] // 8, mask=tile_mask, other=0)
-        zeros = ((zero_words >> zero_shift[None, :]) & 0xF) + zero_offset
-        scales = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
-        w = (codes - zeros).to(tl.float32) * scales
-        if HALF:  # float16 tiles go to the tensor cores as they are
-            acc += tl.dot(x, w.to(tl.float16))
-        elif IEEE:  # float32 activations: no TF32 rounding, so results match the float reference
-            acc += tl.dot(x, w, input_precision="ieee")
-        else:  # bfloat16 through a float32 (TF32) dot, see the module docstring
-            acc += tl.dot(x.to(tl.float32), w)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+        # each int32 word read once: [BLOCK_K/8, BLOCK_N] words -> [BLOCK_K/8, 8, BLOCK_N] codes -> [BLOCK_K, BLOCK_N]
+        rows = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        words = tl.load(qweight_ptr + rows[:, None] * N + offs_n[None, :], mask=(rows[:, None] < K // 8) & mask_n[None, :], other=0)
+        codes = tl.reshape((words[:, None, :] >> nibble[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+        if TILE_GROUP > 0:  # groups are contiguous and a multiple of BLOCK_K: the tile lies in one group
+            g = k0 // TILE_GROUP
+            zeros = ((tl.load(qzeros_ptr + g * (N // 8) + offs_n // 8, mask=mask_n, other=0) >> zero_shift) & 0xF) + zero_offset
+            scales = tl.load(scales_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            w = (codes - zeros[None, :]).to(tl.float32) * scales[None, :]
+        else:  # act-order, or groups that do not tile: each row's group through g_idx
+            group = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+            tile_mask = mask_k[:, None] & mask_n[None, :]
+            zero_words = tl.load(qzeros_ptr + group[:, None] * (N // 8) + offs_n[None, :] // 8, mask=tile_mask, other=0)
+            zeros = ((zero_words >> zero_shift[None, :]) & 0xF) + zero_offset
+            scales = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=tile_mask, other=0.0).to(tl.float32)
+            w = (codes - zeros).to(tl.float32) * scales
+        if BLOCK_M == 1:  # one row: a dot product per output, no matrix unit
+            x = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            acc += tl.sum(x[:, None] * w, axis=0)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if HALF:  # float16 tiles go to the tensor cores as they are
+                acc += tl.dot(x, w.to(tl.float16))
+            elif IEEE:  # float32 activations: no TF32 rounding, so results match the float reference
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:  # bfloat16 through a float32 (TF32) dot, see the module docstring
+                acc += tl.dot(x.to(tl.float32), w)
+    if BLOCK_M == 1:
+        out_ptrs = out_ptr + offs_n
+        out_mask = mask_n
+    else:
+        out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+        out_mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:  # split-K: the float32 buffer the splits add into
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _int4_dequantize(
+    qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, w_ptr, N, K, zero_offset,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    words = tl.load(qweight_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask, other=0)
+    codes = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
+    group = tl.load(g_idx_ptr + offs_k, mask=offs_k < K, other=0)
+    zero_words = tl.load(qzeros_ptr + group[:, None] * (N // 8) + offs_n[None, :] // 8, mask=mask, other=0)
+    zeros = ((zero_words >> ((offs_n[None, :] % 8) * 4)) & 0xF) + zero_offset
+    scales = tl.load(scales_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], ((codes - zeros).to(tl.float32) * scales).to(w_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+               zero_offset: int = 1, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The float weight [K, N] (inputs × outputs, as GPTQ stores it) in ``dtype``, on the tensors' device."""
+    K, N = qweight.shape[0] * 8, qweight.shape[1]
+    w = torch.empty((K, N), dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(K, 64), triton.cdiv(N, 64))
+    _int4_dequantize[grid](qweight, qzeros, scales, g_idx, w, N, K, zero_offset, BLOCK_K=64, BLOCK_N=64)
+    return w
+
+
+def _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t: Tiles) -> torch.Tensor:
+    M, K = x2.shape
+    N = qweight.shape[1]
+    atomic = t.split_k > 1
+    # split-K sums its parts with float32 atomics (their order varies: the last bits can differ run to run)
+    out = torch.zeros((M, N), dtype=torch.float32, device=x2.device) if atomic else torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    k_per_split = triton.cdiv(triton.cdiv(K, t.split_k), t.block_k) * t.block_k
+    grid = (triton.cdiv(M, t.block_m), triton.cdiv(N, t.block_n), t.split_k)
+    _int4_matmul_small[grid](
+        x2, qweight, qzeros, scales, g_idx, out, M, N, K, zero_offset, k_per_split, x2.stride(0),
+        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+        TILE_GROUP=group_k if group_k and group_k % t.block_k == 0 else 0,
+        HALF=x2.dtype == torch.float16, IEEE=x2.dtype == torch.float32, ATOMIC=atomic, num_warps=t.num_warps,
+    )
+    return out
+
+
+class TileChooser:
+    """The launch shape of each (device, one row or several, N, K, dtype, group) met so far: on a GPU
+    the fastest of :func:`candidate_tiles` by CUDA-event timing at first use; elsewhere the default."""
+
+    def __init__(self) -> None:
+        self.chosen: dict[tuple, Tiles] = {}
+
+    def __call__(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k) -> Tiles:
+        M, K = x2.shape
+        N = qweight.shape[1]
+        if x2.device.type != "cuda":
+            return default_tiles(M)
+        key = (x2.device, M == 1, N, K, x2.dtype, group_k)
+        tiles = self.chosen.get(key)
+        if tiles is None:
+            tiles = self.chosen[key] = min(candidate_tiles(M, K) or [default_tiles(M)],
+                                           key=lambda t: _time(lambda: _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t)))
+        return tiles
+
+
+def _time(fn, reps: int = 10) -> float:
+    for _ in range(3):  # compile and warm up
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+choose_tiles = TileChooser()  # one per process, like Triton's autotuning cache
 
 
 def int4_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                     g_idx: torch.Tensor, zero_offset: int = 1) -> torch.Tensor:
-    """``x`` [..., K] times the GPTQ 4-bit weight [K, N]: [..., N] in ``x``'s dtype (no bias)."""
+                     g_idx: torch.Tensor, zero_offset: int = 1, group_k: int = 0, tiles: Tiles | None = None) -> torch.Tensor:
+    """``x`` [..., K] times the GPTQ 4-bit weight [K, N]: [..., N] in ``x``'s dtype (no bias).
+
+    ``group_k``: the group size when ``g_idx`` is the contiguous ``k // group_k`` (no act-order),
+    which lets a tile read one scale vector; 0 when unknown or act-order. ``tiles``: the launch shape
+    of the ≤ 16-row kernel (default: :data:`choose_tiles`)."""
     K, N = qweight.shape[0] * 8, qweight.shape[1]
     if x.shape[-1] != K:
         raise ValueError(f"input has {x.shape[-1]} features, the int4 weight expects {K}")
@@ -76,15 +222,11 @@ def int4_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
-        return out.reshape(*lead, N)
-    # tl.dot needs tiles of at least 16 on each side; decode (M = 1) pads its tile with masked rows
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, BLOCK_N))
-    _int4_gptq_matmul[grid](
-        x2, qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.to(torch.int32).contiguous(), out,
-        M, N, K, zero_offset, x2.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, HALF=x.dtype == torch.float16, IEEE=x.dtype == torch.float32,
-    )
-    return out.reshape(*lead, N)
+        return x2.new_empty((*lead, N))
+    qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
+    g_idx = g_idx.to(torch.int32).contiguous()
+    if M > SMALL_M:
+        return (x2 @ dequantize(qweight, qzeros, scales, g_idx, zero_offset, x.dtype)).reshape(*lead, N)
+    t = tiles or choose_tiles(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k)
+    return _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t).to(x.dtype).reshape(*lead, N)

@@ -7,6 +7,7 @@ directory to start from); ``train:`` holds :class:`TrainConfig`. Both are valida
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ConfigError(f"train.device={self.device!r} must be auto (a GPU where there is one), cpu, cuda or cuda:N")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes={self.max_minutes} must be positive, or left out")
         if isinstance(self.sparsity_control, Mapping):

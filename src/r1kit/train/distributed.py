@@ -39,8 +39,10 @@ class DistInfo:
         return self.rank // self.tp
 
 
-def setup(tensor_parallel: int = 1) -> DistInfo:
-    """Join the process group torchrun described (WORLD_SIZE > 1), or run alone."""
+def setup(tensor_parallel: int = 1, device: str = "auto") -> DistInfo:
+    """Join the process group torchrun described (WORLD_SIZE > 1), or run alone. ``device``
+    (``train.device``): ``auto`` takes one GPU per process where there are GPUs (NCCL), else the
+    CPU (gloo); ``cpu`` forces gloo on the CPU; ``cuda`` insists on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tensor_parallel not in (1, world):
         raise ConfigError(
@@ -50,15 +52,21 @@ def setup(tensor_parallel: int = 1) -> DistInfo:
     if world == 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
+    kind = torch.device(device).type if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(
+                f"process {local} of this node needs its own GPU, but {torch.cuda.device_count()} are visible: launch at most "
+                f"{torch.cuda.device_count()} processes per node (torchrun --nproc-per-node), or set train.device=cpu (gloo)"
+            )
+        place = torch.device("cuda", local)
+        torch.cuda.set_device(place)
         backend = "nccl"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        place, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world=world, device=device, tp=tensor_parallel)
+    return DistInfo(rank=rank, world=world, device=place, tp=tensor_parallel)
 
 
 def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:

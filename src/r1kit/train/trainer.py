@@ -105,7 +105,7 @@ class Trainer:
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> None:
         self.config, self.log = config, log
         self.out = Path(config.out)
-        self.dist = distributed.setup(config.tensor_parallel)
+        self.dist = distributed.setup(config.tensor_parallel, config.device)
         self.device = pick_device(config.device) if self.dist.world == 1 else self.dist.device
         if config.threads:
             torch.set_num_threads(config.threads)
