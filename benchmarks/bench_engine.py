@@ -16,7 +16,10 @@ it prints, in one run:
   chunks with decodes, in one forward) against all of them queued at once;
 * decode attention (CPU): the engine reading K/V in place (the paged decode kernel) vs gathering
   them out of the pool, at the largest batch;
-* time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached.
+* time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached;
+* with ``--profile N``: where the host's time goes in N decode steps of one request (cProfile,
+  the 20 functions with the most time of their own; on a GPU, time spent waiting for it lands in
+  the first call that reads a result back).
 
 All measurements of a model are taken round-robin for ``--repeats`` rounds and the best of each is
 reported, so a machine shared with other work disturbs the ratios as little as it can.
@@ -43,6 +46,8 @@ from r1kit.infer.bench_cli import (
     time_prefix_ttft,
     time_reference,
 )
+
+ARRIVAL_TOKENS = 32  # new tokens of each request in the continuous-batching comparison
 
 SIZES = {
     "11m": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=768),
@@ -86,6 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers generate")
     ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds; the best of each is reported")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N decode steps of one request (0: skip)")
     ap.add_argument("--device", default="cpu", help="torch device of both engines, e.g. cuda (default cpu)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="weights dtype of both engines")
     args = ap.parse_args()
@@ -114,7 +120,7 @@ def main() -> None:
                 hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).eval()
         nbytes = model_bytes(model)
         nparams = sum(p.numel() for p in model.parameters())
-        max_len = max(args.prompt_len + args.new_tokens, args.prefix_len + 1)
+        max_len = max(args.prompt_len + max(args.new_tokens, ARRIVAL_TOKENS), args.prefix_len + 1)
         llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
         # the same model (already packed) with decodes gathering K/V out of the pool, as prefills do
         gather = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_kernel=False) if on_cpu else None
@@ -151,13 +157,34 @@ def main() -> None:
                   f"({e / max(gathered):.2f}x)")
         # continuous batching: the same requests arriving a few per step (mixed prefill + decode steps)
         arrivals = random_prompts(2 * max(sizes), args.prompt_len, 32000, 5)
-        at_once = max(time_arrivals(llm, arrivals, 32, None) for _ in range(2))
-        trickle = max(time_arrivals(llm, arrivals, 32, 2) for _ in range(2))
-        print(f"{len(arrivals)} requests x 32 tokens, max_num_seqs {max(sizes)}: all at once {at_once:.1f} tok/s, "
+        at_once = max(time_arrivals(llm, arrivals, ARRIVAL_TOKENS, None) for _ in range(2))
+        trickle = max(time_arrivals(llm, arrivals, ARRIVAL_TOKENS, 2) for _ in range(2))
+        print(f"{len(arrivals)} requests x {ARRIVAL_TOKENS} tokens, max_num_seqs {max(sizes)}: all at once {at_once:.1f} tok/s, "
               f"two joining per step {trickle:.1f} tok/s ({100 * trickle / at_once:.0f}%)")
         if args.prefix_len:
             cold, cached, hit = time_prefix_ttft(llm, args.prefix_len, 32000, 0)
             print(f"TTFT of a {args.prefix_len}-token prompt: cold {cold:.3f} s, cached ({hit} tokens hit) {cached:.4f} s -> {cold / cached:.1f}x")
+        if args.profile:
+            profile_decode(llm, args.prompt_len, args.profile)
+
+
+def profile_decode(llm, prompt_len: int, steps: int) -> None:
+    import cProfile
+    import pstats
+
+    from r1kit.infer.sampling import SamplingParams
+
+    engine = llm.llm_engine
+    engine.add_request(None, random_prompts(1, prompt_len, 32000, 3)[0], SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True))
+    engine.step()  # the prefill
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    while engine.has_unfinished_requests():
+        engine.step()
+    profiler.disable()
+    print(f"\n{steps} decode steps of one request: {(time.perf_counter() - start) / steps * 1e3:.2f} ms a step under cProfile")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":

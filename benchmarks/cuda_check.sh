@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA checks, for a machine with a GPU: the device-parametrized tests (`-k cuda`, skipped on
-# machines without one), the training tests on the GPU (`device: auto` picks it), then the GPU
-# benchmarks (the int4 Triton kernel vs cuBLAS float16; the engine vs transformers in bfloat16).
+# machines without one) and the multi-process training tests there (gloo on a GPU machine), then the
+# GPU benchmarks: the int4 Triton kernels vs cuBLAS float16 (contiguous groups and act-order), and
+# the engine vs transformers in bfloat16 with a profile of its decode step.
 # Each step has its own time limit, so one that hangs does not cost the others.
 # Usage: benchmarks/cuda_check.sh [OUTDIR]   (r1kit importable: installed, or PYTHONPATH=src)
-#        SWEEP=1 benchmarks/cuda_check.sh     (also sweep the int4 kernel's launch shapes)
 set -u
 out=${1:-cuda-check}
 mkdir -p "$out"
@@ -13,6 +13,8 @@ nvidia-smi -L
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rfs -k cuda tests/test_engine.py tests/test_hf_parity.py tests/test_train.py \
     tests/test_quant_gptq.py tests/test_quant_checkpoint.py tests/test_quant_triton.py 2>&1 | tee "$out/tests.log"
-timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/test_train.py 2>&1 | tee "$out/train.log"
-timeout 200 python3 benchmarks/bench_int4_cuda.py ${SWEEP:+--sweep} 2>&1 | tee "$out/int4.log"
-timeout 150 python3 benchmarks/bench_engine.py --device cuda --dtype bfloat16 --models 100m --repeats 2 2>&1 | tee "$out/engine.log"
+timeout 90 python3 -m pytest -q -p no:cacheprovider -rf -k "gloo or processes" tests/test_train.py 2>&1 | tee "$out/train.log"
+timeout 150 python3 benchmarks/bench_int4_cuda.py 2>&1 | tee "$out/int4.log"
+timeout 60 python3 benchmarks/bench_int4_cuda.py --act-order --shapes 4096x4096,14336x4096 --rows 1,16 2>&1 | tee -a "$out/int4.log"
+timeout 150 python3 benchmarks/bench_engine.py --device cuda --dtype bfloat16 --models 100m --batch-sizes 1,16 --repeats 1 \
+    --profile 50 2>&1 | tee "$out/engine.log"

@@ -16,8 +16,9 @@ from test_quant_triton import RTOL
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
 from r1kit.quant import QuantConfig, quantize_model, to_int4
+from r1kit.quant import triton_int4
 from r1kit.quant.int4_linear import Int4Linear
-from r1kit.quant.triton_int4 import Tiles, candidate_tiles, default_tiles, dequantize, int4_gptq_matmul
+from r1kit.quant.triton_int4 import Tiles, TileChooser, candidate_tiles, default_tiles, dequantize, int4_gptq_matmul
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_quant_triton.py (TRITON_INTERPRET=1)"
 
@@ -71,6 +72,34 @@ def test_candidate_tiles():
     assert len(tiles) == 16 and {t.block_m for t in tiles} == {1} and {t.split_k for t in tiles} == {1, 2, 4, 8}
     assert all(512 >= 2 * t.block_k * t.split_k for t in candidate_tiles(16, 512))  # every split keeps two k-steps
     assert candidate_tiles(16, 64) == []  # too short to split or tile twice: the default runs
+
+
+def test_tile_chooser_times_the_candidates_once_and_skips_the_ones_that_fail(monkeypatch):
+    layer = random_int4(512, 64, 128)
+    x = torch.randn(1, 512)
+    tensors = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.zero_offset, 128)
+    launched = []
+    launch = triton_int4._launch
+    monkeypatch.setattr(triton_int4, "_launch", lambda *args: launched.append(args[-1]) or launch(*args))
+
+    def timer(fn):  # stands in for CUDA events: runs the launch, then "times" its tiles by a rule
+        fn()
+        t = launched[-1]
+        if t.block_n == 128 and t.block_k == 128:
+            raise RuntimeError("out of resources")  # as a GPU refuses a tile too large for it
+        return abs(t.split_k - 2) + t.block_n / 1000
+
+    chooser = TileChooser(timer, devices=("cpu",))
+    assert chooser(x, *tensors) == Tiles(1, 64, 64, split_k=2)
+    assert len(launched) == len(candidate_tiles(1, 512))
+    assert chooser(x, *tensors) == Tiles(1, 64, 64, split_k=2) and len(launched) == len(candidate_tiles(1, 512))  # kept
+    assert TileChooser(timer)(x, *tensors) == default_tiles(1)  # a device it does not time: the default
+
+    def failing(fn):
+        raise RuntimeError("out of resources")
+
+    with pytest.raises(RuntimeError, match="out of resources"):
+        TileChooser(failing, devices=("cpu",))(x, *tensors)
 
 
 def test_triton_model_generates_as_the_reference():

@@ -61,8 +61,8 @@ class _Layout:
     """Which positions the gathered keys hold: row ``b`` keeps positions ``[lowest[b], contexts[b])``,
     left-padded to a common width ``n``; ``k_pos`` is -1 on padding, ``read`` the pool slot of each column."""
 
-    def __init__(self, lowest: torch.Tensor, contexts: torch.Tensor, slots) -> None:
-        self.n = n = int((contexts - lowest).max())
+    def __init__(self, lowest: torch.Tensor, contexts: torch.Tensor, slots, n: int) -> None:
+        self.n = n
         self.k_pos = contexts[:, None] - n + torch.arange(n, device=contexts.device)[None, :]
         valid = self.k_pos >= lowest[:, None]
         self.k_pos = torch.where(valid, self.k_pos, -1)
@@ -74,7 +74,9 @@ class PagedBatch:
 
     Global and hybrid layers get each row's whole context; local layers only the keys their window
     can reach (from ``starts[b] - window + 1``), so their attention does not grow with the context. The
-    masks describe the keys of the latest ``update`` (the model asks for them right after it)."""
+    masks describe the keys of the latest ``update`` (the model asks for them right after it).
+    Every size and every yes/no the view needs is worked out from the Python lists: building one never
+    waits for the device (on a GPU each such read would be a synchronisation)."""
 
     def __init__(
         self,
@@ -106,15 +108,22 @@ class PagedBatch:
         self.direct = m == 1 and pool.decode_kernel is not None
         self._tables, self._layer = tables, 0
 
-        self.all_valid = bool(q_valid.all())
-        self.write_src = q_valid.flatten().nonzero().squeeze(1)  # rows of the flattened [B·m] new tokens
-        self.write_dst = self._slots(self.positions)[q_valid]
+        self.all_valid = all(n == m for n in lengths)
+        slots = self._slots(self.positions).flatten()
+        # the rows of the flattened [B·m] new tokens that are not padding
+        if self.all_valid:
+            self.write_src, self.write_dst = torch.arange(len(lengths) * m, device=device), slots
+        else:
+            self.write_src = torch.tensor([b * m + i for b, n in enumerate(lengths) for i in range(m - n, m)], device=device)
+            self.write_dst = slots.index_select(0, self.write_src)
         # every sequence starts at 0 and is left-padded to the same width: the new K/V are the whole context
         self.fresh = all(s == 0 for s in starts)
         self.windows = torch.tensor(windows, device=device)
-        local_lowest = (starts_t - self.windows + 1).clamp_min(0)
-        self._lowest = {"full": torch.zeros_like(starts_t), "local": local_lowest}
-        if not bool(local_lowest.any()):
+        local_lowest = [max(0, s - w + 1) for s, w in zip(starts, windows)]
+        self._lowest = {"full": torch.zeros_like(starts_t), "local": torch.tensor(local_lowest, device=device)}
+        contexts = [s + n for s, n in zip(starts, lengths)]
+        self._widths = {"full": max(contexts), "local": max(c - low for c, low in zip(contexts, local_lowest))}
+        if not any(local_lowest):
             self._lowest["local"] = self._lowest["full"]  # every window reaches position 0: one layout
         self._layouts: dict[str, _Layout] = {}
         self._masks: dict[tuple[str, str], torch.Tensor] = {}  # (layout, kind)
@@ -123,7 +132,7 @@ class PagedBatch:
     def _layout(self, name: str) -> _Layout:
         layout = self._layouts.get(name)
         if layout is None:
-            layout = self._layouts[name] = _Layout(self._lowest[name], self.contexts, self._slots)
+            layout = self._layouts[name] = _Layout(self._lowest[name], self.contexts, self._slots, self._widths[name])
         return layout
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,9 +205,8 @@ class PackedBatch:
         if self.single is not None:
             parts.append(self.single.positions[:, 0])
         if self.multi is not None:
-            valid = self.multi.q_pos.flatten() >= 0
-            self._valid = valid.nonzero().squeeze(1)  # padded layout -> packed columns (row-major: packing order)
-            self._pad_from = torch.zeros(valid.numel(), dtype=torch.long, device=device)  # packed column of each padded slot
+            self._valid = self.multi.write_src  # padded layout -> packed columns (row-major: packing order)
+            self._pad_from = torch.zeros(self.multi.q_pos.numel(), dtype=torch.long, device=device)  # packed column of each padded slot
             self._pad_from[self._valid] = torch.arange(self._valid.numel(), device=device)
             parts.append(self.multi.positions.flatten()[self._valid])
         self.positions = torch.cat(parts)[None]

@@ -172,28 +172,9 @@ def _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t: Tiles) 
     return out
 
 
-class TileChooser:
-    """The launch shape of each (device, one row or several, N, K, dtype, group) met so far: on a GPU
-    the fastest of :func:`candidate_tiles` by CUDA-event timing at first use; elsewhere the default."""
-
-    def __init__(self) -> None:
-        self.chosen: dict[tuple, Tiles] = {}
-
-    def __call__(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k) -> Tiles:
-        M, K = x2.shape
-        N = qweight.shape[1]
-        if x2.device.type != "cuda":
-            return default_tiles(M)
-        key = (x2.device, M == 1, N, K, x2.dtype, group_k)
-        tiles = self.chosen.get(key)
-        if tiles is None:
-            tiles = self.chosen[key] = min(candidate_tiles(M, K) or [default_tiles(M)],
-                                           key=lambda t: _time(lambda: _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t)))
-        return tiles
-
-
-def _time(fn, reps: int = 10) -> float:
-    for _ in range(3):  # compile and warm up
+def cuda_time(fn, reps: int = 10) -> float:
+    """Milliseconds of ``reps`` calls of ``fn`` after three warm-up calls (the first compiles), by CUDA events."""
+    for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -202,6 +183,35 @@ def _time(fn, reps: int = 10) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+class TileChooser:
+    """The launch shape of each (device, one row or several, N, K, dtype, group) met so far: on the
+    ``devices`` it times (GPUs) the fastest of :func:`candidate_tiles` by ``timer`` at first use;
+    elsewhere (the interpreter) the default."""
+
+    def __init__(self, timer=cuda_time, devices: tuple[str, ...] = ("cuda",)) -> None:
+        self.timer, self.devices = timer, devices
+        self.chosen: dict[tuple, Tiles] = {}
+
+    def __call__(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k) -> Tiles:
+        M, K = x2.shape
+        N = qweight.shape[1]
+        if x2.device.type not in self.devices:
+            return default_tiles(M)
+        key = (x2.device, M == 1, N, K, x2.dtype, group_k)
+        tiles = self.chosen.get(key)
+        if tiles is None:
+            timed, errors = [], []
+            for t in candidate_tiles(M, K) or [default_tiles(M)]:
+                try:
+                    timed.append((self.timer(lambda: _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t)), t))
+                except Exception as exc:  # a shape this GPU cannot run (e.g. out of shared memory) is not a candidate
+                    errors.append(exc)
+            if not timed:
+                raise errors[0]
+            tiles = self.chosen[key] = min(timed, key=lambda pair: pair[0])[1]
+        return tiles
 
 
 choose_tiles = TileChooser()  # one per process, like Triton's autotuning cache
