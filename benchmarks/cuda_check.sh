@@ -11,7 +11,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rfs -k cuda tests/test_engine.py tests/test_hf_parity.py tests/test_train.py \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rfs -k cuda tests/test_attention.py tests/test_engine.py tests/test_hf_parity.py tests/test_train.py \
     tests/test_quant_gptq.py tests/test_quant_checkpoint.py tests/test_quant_triton.py 2>&1 | tee "$out/tests.log"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rf -k "gloo or processes" tests/test_train.py 2>&1 | tee "$out/train.log"
 timeout 150 python3 benchmarks/bench_int4_cuda.py 2>&1 | tee "$out/int4.log"

@@ -4,8 +4,10 @@ import math
 
 import pytest
 import torch
+from devices import DEVICES
 
-from r1kit.model.attention import compressed_global_attention, global_attention, local_attention
+from r1kit.model import attention
+from r1kit.model.attention import compressed_global_attention, fused_gqa_unsupported, global_attention, local_attention, sdpa
 
 
 def naive(q, k, v, allowed):
@@ -38,6 +40,28 @@ def test_global_matches_naive(m, n, heads, kv_heads):
     q, k, v = rand_qkv(2, heads, kv_heads, m, n)
     qp, kp = positions(m, n)
     torch.testing.assert_close(global_attention(q, k, v), naive(q, k, v, kp <= qp), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("expand", [False, True], ids=["enable_gqa", "repeated-kv"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 1), (8, 8)])
+def test_sdpa_gqa_both_ways(heads, kv_heads, masked, device, expand, monkeypatch):
+    """``sdpa`` reads K/V head h // groups whether SDPA broadcasts the heads itself or they are
+    repeated first (what CUDA gets where its fused kernels lack GQA); forced here on every device."""
+    monkeypatch.setattr(attention, "fused_gqa_unsupported", lambda *_: expand)
+    q, k, v = (t.to(device) for t in rand_qkv(2, heads, kv_heads, 5, 12))
+    qp, kp = positions(5, 12)
+    allowed = ((kp <= qp) & (qp - kp < 4)).to(device)  # a causal window: the mask matters
+    out = sdpa(q, k, v, mask=allowed if masked else None)
+    torch.testing.assert_close(out, naive(q, k, v, allowed if masked else torch.ones_like(allowed)), atol=1e-5, rtol=1e-5)
+
+
+def test_which_inputs_get_repeated_kv():
+    assert fused_gqa_unsupported("cuda", torch.float32, masked=False)  # flash takes no float32
+    assert fused_gqa_unsupported("cuda", torch.bfloat16, masked=True)  # nor a mask
+    assert not fused_gqa_unsupported("cuda", torch.bfloat16, masked=False)  # flash broadcasts the heads
+    assert not fused_gqa_unsupported("cpu", torch.float32, masked=True)  # the CPU kernel takes both
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 17, 63, 100, 333])

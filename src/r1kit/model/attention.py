@@ -24,8 +24,27 @@ if TYPE_CHECKING:
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-    """Scaled dot-product attention, GQA when K/V have fewer heads than Q."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1])
+    """Scaled dot-product attention, GQA when K/V have fewer heads than Q (query head ``h`` reads
+    K/V head ``h // (H / Hkv)``)."""
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and fused_gqa_unsupported(q.device.type, q.dtype, mask is not None):
+        k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
+
+
+def fused_gqa_unsupported(device_type: str, dtype: torch.dtype, masked: bool) -> bool:
+    """On CUDA only flash attention reads fewer K/V heads than queries, and it takes neither a mask nor
+    float32: there ``enable_gqa`` silently falls back to the unfused math kernel, which materialises
+    every score (O(n²) memory, several launches). Repeating K/V first lets the memory-efficient kernel
+    run instead. The CPU's fused kernel takes GQA with masks and float32 alike."""
+    return device_type == "cuda" and (masked or dtype == torch.float32)
+
+
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, n, D] -> [B, Hkv·groups, n, D], each K/V head repeated for its group of query heads."""
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
 
 
 def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
