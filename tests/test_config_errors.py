@@ -3,7 +3,10 @@
 import json
 
 import pytest
+import torch
 
+from r1kit import LLM
+from r1kit.cli import main
 from r1kit.config import ModelConfig
 from r1kit.errors import CheckpointError, ConfigError
 from r1kit.model import R1kitForCausalLM, load_model
@@ -100,3 +103,20 @@ def test_weights_that_do_not_match_the_config(saved):
 def test_no_half_written_files_after_save(saved):
     assert not list(saved.glob(".*tmp"))
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("device,match", [("cdua", "'cdua' is not a device torch knows"), ("cuda:64", "sees no CUDA GPU|only [0-9]+ GPU")])
+def test_a_device_that_is_not_there_is_named(saved, device, match, capsys):
+    with pytest.raises(ConfigError, match=match):
+        load_model(saved, device=device)
+    with pytest.raises(ConfigError, match=match):
+        LLM(R1kitForCausalLM(ModelConfig(**BASE)), device=device)
+    assert main(["bench", "--model", str(saved), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("r1kit bench: error: device=") and ("not a device" in err or "GPU" in err)
+
+
+def test_llm_moves_a_model_object_only_when_asked():
+    model = R1kitForCausalLM(ModelConfig(**BASE))
+    assert LLM(model, num_kv_blocks=8).llm_engine.model.device.type == "cpu"
+    assert LLM(model, device="cpu", dtype="bfloat16", num_kv_blocks=8).llm_engine.model.dtype == torch.bfloat16

@@ -151,6 +151,7 @@ def model_bytes(model) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from r1kit.config import ModelConfig
+    from r1kit.device import resolve_device
     from r1kit.errors import ConfigError
     from r1kit.infer.llm import LLM
     from r1kit.model.hf import load_model
@@ -166,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         model = load_model(args.model, dtype=dtype, device=args.device)
     else:
         torch.manual_seed(args.seed)
-        model = R1kitForCausalLM(ModelConfig.from_yaml(args.config)).to(device=args.device, dtype=dtype or torch.float32)
+        model = R1kitForCausalLM(ModelConfig.from_yaml(args.config)).to(device=resolve_device(args.device, "--device"), dtype=dtype or torch.float32)
     model.eval()
     cfg = model.config
     max_len = max(args.prompt_len + args.new_tokens, args.prefix_len + 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from r1kit.device import resolve_device
 from r1kit.errors import ConfigError
 from r1kit.infer.engine import EngineConfig, LLMEngine
 from r1kit.infer.outputs import RequestOutput
@@ -32,11 +33,12 @@ class LLM:
         tokenizer=None,
         *,
         dtype: str | torch.dtype | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         think_token_ids: tuple[int, int] | None = None,
         **engine_args,
     ) -> None:
-        """``model``: a model directory or an ``R1kitForCausalLM``; ``engine_args``: :class:`EngineConfig` fields
+        """``model``: a model directory (loaded onto ``device``, default the CPU) or an ``R1kitForCausalLM``
+        (moved to ``device`` when one is given); ``engine_args``: :class:`EngineConfig` fields
         (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
         ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``)."""
         if isinstance(dtype, str):
@@ -48,11 +50,11 @@ class LLM:
             from r1kit.model.hf import load_model
 
             path = Path(model)
-            model = load_model(path, dtype=dtype, device=device)
+            model = load_model(path, dtype=dtype, device=device or "cpu")
             if tokenizer is None and (path / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(path)
-        elif dtype is not None:
-            model = model.to(dtype)
+        elif dtype is not None or device is not None:
+            model = model.to(device=None if device is None else resolve_device(device), dtype=dtype)
         unknown = set(engine_args) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown LLM arguments {sorted(unknown)}; engine options are {sorted(EngineConfig.__dataclass_fields__)}")

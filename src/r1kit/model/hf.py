@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from r1kit.config import ModelConfig, RopeScaling, dump_json
+from r1kit.device import resolve_device
 from r1kit.errors import CheckpointError, ConfigError
 
 SUPPORTED = ("llama", "qwen2", "r1kit")
@@ -207,6 +208,7 @@ def check_weights(path: Path, expected: dict[str, torch.Tensor], state: dict[str
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Build the r1kit model from a checkpoint directory; ``dtype`` defaults to the checkpoint's own."""
+    device = resolve_device(device)
     from r1kit.model.transformer import R1kitForCausalLM
 
     path = Path(path)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from r1kit.config import ModelConfig, dump_json
 from r1kit.data.shards import ShardDataset
+from r1kit.device import resolve_device
 from r1kit.errors import ConfigError
 from r1kit.model.sparsity import SparsityController
 from r1kit.model.transformer import R1kitForCausalLM
@@ -40,7 +41,7 @@ AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name, "train.device")
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
