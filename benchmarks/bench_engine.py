@@ -14,8 +14,8 @@ it prints, in one run:
   only reads its weights, so the read figure is its hardware limit;
 * continuous batching: throughput when the requests arrive two per step (most steps mix prefill
   chunks with decodes, in one forward) against all of them queued at once;
-* decode attention (CPU): the engine reading K/V in place (the paged decode kernel) vs gathering
-  them out of the pool, at the largest batch;
+* decode attention: the engine reading K/V in place (the paged decode kernel: C on the CPU, Triton
+  on CUDA) vs gathering them out of the pool, at the largest batch;
 * time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached;
 * with ``--profile N``: where the host's time goes in N decode steps of one request (cProfile,
   the 20 functions with the most time of their own; on a GPU, time spent waiting for it lands in
@@ -123,7 +123,7 @@ def main() -> None:
         max_len = max(args.prompt_len + max(args.new_tokens, ARRIVAL_TOKENS), args.prefix_len + 1)
         llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
         # the same model (already packed) with decodes gathering K/V out of the pool, as prefills do
-        gather = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_kernel=False) if on_cpu else None
+        gather = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_kernel=False)
         time_engine(llm, random_prompts(2, 16, 32000, 99), 4)  # warm-up
         # round-robin rounds; the best of each (the least disturbed by other processes) is reported
         engine = {b: [] for b in sizes}
@@ -131,8 +131,7 @@ def main() -> None:
         hf_tps = {b: [] for b in sizes}
         reference, gathered = [], []
         for _ in range(args.repeats):
-            if gather is not None:
-                gathered.append(time_engine(gather, random_prompts(max(sizes), args.prompt_len, 32000, max(sizes)), args.new_tokens)["decode_tps"])
+            gathered.append(time_engine(gather, random_prompts(max(sizes), args.prompt_len, 32000, max(sizes)), args.new_tokens)["decode_tps"])
             reference.append(time_reference(plain, random_prompts(args.reference_requests, args.prompt_len, 32000, 7), args.new_tokens)["decode_tps"])
             for b in sizes:
                 prompts = random_prompts(b, args.prompt_len, 32000, b)
@@ -152,9 +151,8 @@ def main() -> None:
             achieved = nbytes * max(engine[1])
             print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy, {100 * achieved / read:.0f}% of read bandwidth")
         e = max(engine[max(sizes)])
-        if gathered:
-            print(f"decode attention at batch {max(sizes)}: paged kernel {e:.1f} tok/s, gathering K/V {max(gathered):.1f} tok/s "
-                  f"({e / max(gathered):.2f}x)")
+        print(f"decode attention at batch {max(sizes)}: paged kernel {e:.1f} tok/s, gathering K/V {max(gathered):.1f} tok/s "
+              f"({e / max(gathered):.2f}x)")
         # continuous batching: the same requests arriving a few per step (mixed prefill + decode steps)
         arrivals = random_prompts(2 * max(sizes), args.prompt_len, 32000, 5)
         at_once = max(time_arrivals(llm, arrivals, ARRIVAL_TOKENS, None) for _ in range(2))

@@ -44,24 +44,31 @@ def problems(draw):
     return seqs, hkv, group, dim, block_size, contexts, lowest, dtype, seed
 
 
-@settings(max_examples=60, deadline=None)
-@given(problems())
-def test_kernel_equals_naive_attention(problem):
-    seqs, hkv, group, dim, block_size, contexts, lowest, dtype, seed = problem
+def random_case(seqs, hkv, group, dim, block_size, contexts, lowest, dtype, seed):
+    """(q, k_pool, v_pool, tables, contexts, lowest, block_size) with each row's blocks anywhere in
+    the pool, in any order (what a block manager hands out)."""
     g = torch.Generator().manual_seed(seed)
     width = max(-(-c // block_size) for c in contexts)
     num_blocks = seqs * width + 3
-    k_pool = torch.randn(num_blocks * block_size, hkv, dim, generator=g).to(dtype)
-    v_pool = torch.randn(num_blocks * block_size, hkv, dim, generator=g).to(dtype)
-    # each row's blocks anywhere in the pool, in any order (what a block manager hands out)
+    k_pool, v_pool = (torch.randn(num_blocks * block_size, hkv, dim, generator=g).to(dtype) for _ in range(2))
     tables = torch.randperm(num_blocks, generator=g)[: seqs * width].view(seqs, width).contiguous()
     q = torch.randn(seqs, hkv * group, 1, dim, generator=g).to(dtype)
-    contexts_t, lowest_t = torch.tensor(contexts), torch.tensor(lowest)
-    out = KERNEL(q, k_pool, v_pool, tables, contexts_t, lowest_t, block_size)
-    assert out.shape == q.shape and out.dtype == dtype
-    want = naive(q, k_pool, v_pool, tables, contexts_t, lowest_t, block_size)
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output's own rounding
-    assert (out.double() - want).abs().max() <= tolerance * max(1.0, float(want.abs().max()))
+    return q, k_pool, v_pool, tables, torch.tensor(contexts), torch.tensor(lowest), block_size
+
+
+def assert_matches_naive(kernel, case, device="cpu"):
+    q = case[0]
+    out = kernel(*(t.to(device) if torch.is_tensor(t) else t for t in case))
+    assert out.shape == q.shape and out.dtype == q.dtype
+    want = naive(*case)
+    tolerance = 1e-5 if q.dtype == torch.float32 else 2e-2  # half precision: the output's own rounding
+    assert (out.cpu().double() - want).abs().max() <= tolerance * max(1.0, float(want.abs().max()))
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems())
+def test_kernel_equals_naive_attention(problem):
+    assert_matches_naive(KERNEL, random_case(*problem))
 
 
 def test_engine_decodes_through_the_kernel(tiny_config):

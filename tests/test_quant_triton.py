@@ -1,4 +1,4 @@
-"""The GPU (Triton) int4 kernel, checked on the CPU: ``triton_interpreted.py`` runs in a subprocess
+"""The GPU (Triton) kernels (int4 matmul, paged decode attention), checked on the CPU: ``triton_interpreted.py`` runs in a subprocess
 under Triton's interpreter. Also: ``auto`` picks Triton on CUDA only, and a missing package is a clear error."""
 
 import os

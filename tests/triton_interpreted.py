@@ -9,11 +9,17 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_decode_attention import assert_matches_naive, random_case
 from test_quant_helpers import trained_model
 from test_quant_packing import random_int4
 from test_quant_triton import RTOL
 
+from r1kit import LLM
 from r1kit.infer.generate import generate
+from r1kit.infer.triton_decode_attention import TritonPagedDecode, load_triton_kernel
+from r1kit.model import R1kitForCausalLM
 from r1kit.infer.sampling import SamplingParams
 from r1kit.quant import QuantConfig, quantize_model, to_int4
 from r1kit.quant import triton_int4
@@ -116,3 +122,46 @@ def test_triton_model_generates_as_the_reference():
         if isinstance(m, Int4Linear):
             m.backend = "triton"
     assert generate(model, prompt, params) == expected
+
+
+# -- the paged decode-attention kernel (r1kit.infer.triton_decode_attention) ---------------------------
+
+@st.composite
+def decode_problems(draw):
+    seqs, hkv, group = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2, 3, 4]))
+    dim = draw(st.sampled_from([16, 40, 64]))
+    block_size = draw(st.sampled_from([1, 4, 16]))
+    contexts = [draw(st.integers(1, 70)) for _ in range(seqs)]  # up to three 32-position steps
+    lowest = [draw(st.integers(0, c - 1)) for c in contexts]
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
+    return seqs, hkv, group, dim, block_size, contexts, lowest, dtype, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=25, deadline=None)
+@given(decode_problems())
+def test_triton_decode_attention_equals_naive(problem):
+    assert_matches_naive(TritonPagedDecode(), random_case(*problem))
+
+
+def test_triton_decode_kernel_loads_after_its_self_check():
+    assert isinstance(load_triton_kernel(torch.device("cpu")), TritonPagedDecode)
+    with pytest.raises(ValueError, match="do not group"):
+        TritonPagedDecode()(torch.zeros(1, 3, 1, 16), torch.zeros(4, 2, 16), torch.zeros(4, 2, 16), torch.zeros(1, 1, dtype=torch.long),
+                            torch.tensor([1]), torch.tensor([0]), 4)
+
+
+def test_engine_decodes_through_the_triton_kernel(tiny_config):
+    model = R1kitForCausalLM(tiny_config(attention=("local", "hybrid"), local_window=5, hidden_size=64)).eval()
+    prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 10, 11], [3, 1, 4]]
+    params = SamplingParams(temperature=0, max_tokens=10)
+    want = [generate(model, p, params) for p in prompts]
+    llm = LLM(model, block_size=4, num_kv_blocks=32, decode_kernel=False)
+    kernel, calls = TritonPagedDecode(), []
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return kernel(*args)
+
+    llm.llm_engine.runner.pool.decode_kernel = counting  # what a CUDA engine holds (set by hand: this is the CPU)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    assert calls and max(calls) == 2  # both rows' decodes went through it

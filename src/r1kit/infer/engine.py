@@ -40,8 +40,9 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # exact pool size (overrides the memory budget)
     enable_prefix_caching: bool = True
     pack_weights: bool = True  # CPU: linear weights re-laid-out for oneDNN (r1kit.infer.weight_packing), in place
-    # CPU: decode attention reads the paged pool in place (r1kit.infer.decode_attention, a C kernel built
-    # on first use); where it cannot be built, decodes gather K/V out of the pool as prefills do
+    # decode attention reads the paged pool in place: on the CPU a C kernel built on first use
+    # (r1kit.infer.decode_attention), on CUDA a Triton one (r1kit.infer.triton_decode_attention); where
+    # neither can run, decodes gather K/V out of the pool as prefills do
     decode_kernel: bool = True
 
     def __post_init__(self) -> None:

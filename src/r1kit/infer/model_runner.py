@@ -26,6 +26,10 @@ class ModelRunner:
             from r1kit.infer.decode_attention import load_kernel
 
             kernel = load_kernel()
+        elif decode_kernel and self.device.type == "cuda":
+            from r1kit.infer.triton_decode_attention import load_triton_kernel
+
+            kernel = load_triton_kernel(self.device)
         self.pool = KVPool(model.config, num_blocks, block_size, model.dtype, self.device, kernel)
 
     @torch.inference_mode()

@@ -17,7 +17,8 @@ The decode group's rows are single tokens, so moving them between the packed row
 is a view; only the prefill group is left-padded (a copy, small beside a prefill's compute). A step
 of decodes alone is already packed as ``[B, 1]`` and gets a :class:`PagedBatch` directly.
 One-token rows skip the gather where the pool has a decode kernel
-(:mod:`r1kit.infer.decode_attention`): it follows the block tables and reads K/V in place.
+(:mod:`r1kit.infer.decode_attention` on the CPU, :mod:`r1kit.infer.triton_decode_attention` on
+CUDA): it follows the block tables and reads K/V in place.
 Local layers are handed only the keys their window can reach (at most m + w − 1 per row, whatever
 the context length), so a decode step's local attention costs O(w), not O(n). Blocks are freed
 before a sequence ends only when *every* layer is local (the engine then drops the blocks that left
@@ -39,7 +40,8 @@ def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) ->
 
 
 class KVPool:
-    """``decode_kernel``: a :class:`~r1kit.infer.decode_attention.PagedDecodeKernel` that one-token
+    """``decode_kernel``: a :class:`~r1kit.infer.decode_attention.PagedDecodeKernel` (or its Triton
+    twin, :class:`~r1kit.infer.triton_decode_attention.TritonPagedDecode`) that one-token
     rows attend through, reading the pool in place; None: they gather like every other row."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
