@@ -12,7 +12,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi -L
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', transformers.__version__)"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rfs -k cuda tests/test_attention.py tests/test_engine.py tests/test_hf_parity.py tests/test_train.py \
-    tests/test_quant_gptq.py tests/test_quant_checkpoint.py tests/test_quant_triton.py tests/test_triton_decode_attention.py 2>&1 | tee "$out/tests.log"
+    tests/test_quant_gptq.py tests/test_quant_checkpoint.py tests/test_quant_triton.py tests/test_triton_decode_attention.py tests/test_weight_packing.py 2>&1 | tee "$out/tests.log"
 timeout 90 python3 -m pytest -q -p no:cacheprovider -rf -k "gloo or processes" tests/test_train.py 2>&1 | tee "$out/train.log"
 timeout 150 python3 benchmarks/bench_int4_cuda.py 2>&1 | tee "$out/int4.log"
 timeout 60 python3 benchmarks/bench_int4_cuda.py --act-order --shapes 4096x4096,14336x4096 --rows 1,16 2>&1 | tee -a "$out/int4.log"

@@ -4,6 +4,7 @@ and the layers that must keep plain weights (Top-K gather path, int4) left alone
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import needs_cuda
 from torch import nn
 
 from r1kit import LLM, SamplingParams
@@ -139,3 +140,73 @@ def test_fusing_linears_with_and_without_bias_is_refused():
 
     with pytest.raises(ValueError, match="some have a bias and some do not"):
         FusedPackedLinear("qkv_proj", {"q_proj": nn.Linear(8, 8, bias=True), "k_proj": nn.Linear(8, 8, bias=False)})
+
+
+def _quantized(tiny_config, act_order=False):
+    from r1kit.quant import QuantConfig, quantize_model, to_int4
+
+    model = R1kitForCausalLM(tiny_config(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, qkv_bias=True)).eval()
+    qc = QuantConfig(group_size=32, method="gptq" if act_order else "rtn", desc_act=act_order)
+    calib = torch.randint(0, 61, (4, 16), generator=torch.Generator().manual_seed(0))
+    to_int4(model, quantize_model(model, qc, calib if act_order else None), qc)
+    return model
+
+
+def test_int4_parts_stack_into_one_layer_that_saves_as_its_parts(tiny_config):
+    """What the engine does with GPTQ q/k/v and gate/up on a GPU (one Triton launch each), checked on
+    the CPU through the dequantize path: same outputs, and the state dict is the checkpoint's."""
+    from r1kit.quant.int4_linear import Int4Linear, StackedInt4Linear
+
+    model = _quantized(tiny_config)
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.backend = "dequant"
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens, x = torch.randint(0, 61, (2, 7)), torch.randn(3, 64)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    with torch.inference_mode():
+        want_logits, want_qkv = model(tokens), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+    for layer in model.model.layers:
+        for module, name, parts in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+            stacked = StackedInt4Linear.stack(name, {p: getattr(module, p) for p in parts})
+            assert stacked is not None and stacked.backend == "dequant"
+            setattr(module, name, stacked)
+            for p in parts:
+                setattr(module, p, None)
+    assert attn.qkv_proj.split_sizes == [64, 32, 32] and mlp.gate_up_proj.split_sizes == [128, 128]
+    with torch.inference_mode():
+        torch.testing.assert_close(attn.qkv_proj(x), want_qkv, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(tokens), want_logits, rtol=1e-5, atol=1e-5)
+    saved = model.state_dict()
+    assert saved.keys() == state.keys() and all(torch.equal(saved[k], v) for k, v in state.items())
+
+
+def test_int4_parts_stack_only_with_one_grouping_of_their_inputs(tiny_config):
+    from r1kit.quant.int4_linear import StackedInt4Linear
+
+    attn = _quantized(tiny_config, act_order=True).model.layers[0].self_attn
+    # act-order: q/k/v share their inputs' Hessian, hence one activation order, and stack
+    parts = {"q_proj": attn.q_proj, "k_proj": attn.k_proj, "v_proj": attn.v_proj}
+    x = torch.randn(3, 64)
+    want = torch.cat([p.forward_dequant(x) for p in parts.values()], dim=-1)
+    torch.testing.assert_close(StackedInt4Linear.stack("qkv_proj", parts).forward_dequant(x), want, rtol=0, atol=1e-6)
+    attn.k_proj.g_idx = attn.k_proj.g_idx.flip(0)  # another input grouping
+    assert StackedInt4Linear.stack("qkv_proj", parts | {"k_proj": attn.k_proj}) is None
+    plain = _quantized(tiny_config).model.layers[0].self_attn
+    plain.k_proj.bias = None  # one part without a bias
+    assert StackedInt4Linear.stack("qkv_proj", {"q_proj": plain.q_proj, "k_proj": plain.k_proj}) is None
+
+
+@needs_cuda
+def test_int4_qkv_and_gate_up_stack_on_cuda(tiny_config):
+    from r1kit.quant.int4_linear import StackedInt4Linear
+
+    model = _quantized(tiny_config).to("cuda")
+    tokens = torch.randint(0, 61, (2, 7), device="cuda")
+    with torch.inference_mode():
+        want = model(tokens)
+    pack_linears(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, StackedInt4Linear) and isinstance(mlp.gate_up_proj, StackedInt4Linear) and attn.q_proj is None
+    with torch.inference_mode():
+        torch.testing.assert_close(model(tokens), want, rtol=1e-4, atol=1e-4)

@@ -104,25 +104,33 @@ def _plain(linear) -> bool:
 
 
 def _fuse(module: nn.Module, name: str, parts: tuple[str, ...], batch_hint: int) -> bool:
-    from r1kit.quant.int4_linear import FusedInt4Linear
+    from r1kit.quant.int4_linear import FusedInt4Linear, Int4Linear, StackedInt4Linear
 
     linears = {part: getattr(module, part, None) for part in parts}
+    replacement = None
     if all(_plain(lin) for lin in linears.values()) and len({lin.weight.dtype for lin in linears.values()}) == 1:
-        setattr(module, name, FusedPackedLinear(name, linears, batch_hint))
-        for part in parts:
-            setattr(module, part, None)
-        return True
-    fused = FusedInt4Linear.fuse(list(linears.values()))  # int4 parts keep their buffers: the state dict stays
-    if fused is not None:
-        setattr(module, name, fused)
-    return fused is not None
+        replacement = FusedPackedLinear(name, linears, batch_hint)
+    elif all(isinstance(lin, Int4Linear) and lin.qweight.device.type == "cuda" for lin in linears.values()):
+        replacement = StackedInt4Linear.stack(name, linears)  # one Triton launch; the state dict stays
+    else:
+        fused = FusedInt4Linear.fuse(list(linears.values()))  # int4 parts keep their buffers: the state dict stays
+        if fused is not None:
+            setattr(module, name, fused)
+        return fused is not None
+    if replacement is None:
+        return False
+    setattr(module, name, replacement)
+    for part in parts:
+        setattr(module, part, None)
+    return True
 
 
 def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
     """Pack the model's ``nn.Linear`` layers for oneDNN, in place; returns how many linears it packed.
 
     Attention's q/k/v and a dense SwiGLU FFN's gate/up become one fused product each (float weights
-    packed for oneDNN, or int4 GPTQ layers as one int4 kernel call, their buffers left in place);
+    packed for oneDNN; int4 GPTQ layers as one CPU int4 kernel call, their buffers left in place, or
+    on CUDA stacked into one :class:`~r1kit.quant.int4_linear.StackedInt4Linear`);
     the other plain linears are packed one by one, and the other int4 layers frozen
     (:meth:`~r1kit.quant.int4_linear.Int4Linear.freeze`). Nothing happens where the device or dtype has no
     packed kernel. A tied output head gets its own packed copy; the embedding it shares weights with

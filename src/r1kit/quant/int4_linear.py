@@ -279,3 +279,52 @@ class FusedInt4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, split_sizes={self.split_sizes}"
+
+
+class StackedInt4Linear(Int4Linear):
+    """Several int4 linears over the same input stacked along their outputs into one (q/k/v, gate/up),
+    for the GPU: one Triton launch instead of several, and a wider product for the small k/v parts.
+
+    GPTQ packs outputs along columns (``qweight`` [in/8, out], ``qzeros`` [groups, out/8], ``scales``
+    [groups, out]), so stacking is a concatenation along the last dim; the parts must share their
+    inputs' grouping (``g_idx``, group size, zero convention). It replaces the parts (their modules
+    become None, as :class:`r1kit.infer.weight_packing.FusedPackedLinear` does) and writes them back
+    under their own names on save, so the state dict stays the checkpoint's. ``split_sizes`` cuts the
+    output into the parts. Built by :func:`r1kit.infer.weight_packing.pack_linears` on CUDA."""
+
+    @classmethod
+    def stack(cls, name: str, parts: dict[str, nn.Module]) -> StackedInt4Linear | None:
+        """The stacked layer, or None where the parts cannot share one product (not all int4, different
+        input grouping or zero convention, some with a bias and some without)."""
+        layers = list(parts.values())
+        first = layers[0]
+        if not all(isinstance(p, Int4Linear) and type(p) is Int4Linear for p in layers):
+            return None
+        same = all(
+            (p.in_features, p.group_size, p.zero_offset, p.bits, p.scales.dtype, p.bias is None) ==
+            (first.in_features, first.group_size, first.zero_offset, first.bits, first.scales.dtype, first.bias is None)
+            and torch.equal(p.g_idx, first.g_idx) for p in layers
+        )
+        if not same:
+            return None
+        tensors = {key: torch.cat([getattr(p, key) for p in layers], dim=1) for key in ("qweight", "qzeros", "scales")}
+        tensors["g_idx"] = first.g_idx
+        bias = None if first.bias is None else torch.cat([p.bias for p in layers])
+        stacked = cls.from_packed(tensors, first.in_features, sum(p.out_features for p in layers), first.group_size, bias=bias,
+                                  zero_offset=first.zero_offset, dtype=first.bias.dtype if bias is not None else torch.float32)
+        stacked.backend = first.backend
+        stacked.name, stacked.parts, stacked.split_sizes = name, tuple(parts), [p.out_features for p in layers]
+        return stacked
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        parent = prefix[: len(prefix) - len(self.name) - 1]
+        bounds = [0]
+        for size in self.split_sizes:
+            bounds.append(bounds[-1] + size)
+        for part, lo, hi in zip(self.parts, bounds, bounds[1:]):
+            destination[f"{parent}{part}.qweight"] = self.qweight[:, lo:hi].clone()
+            destination[f"{parent}{part}.qzeros"] = self.qzeros[:, lo // 8 : hi // 8].clone()
+            destination[f"{parent}{part}.scales"] = self.scales[:, lo:hi].clone()
+            destination[f"{parent}{part}.g_idx"] = self.g_idx.clone()
+            if self.bias is not None:
+                destination[f"{parent}{part}.bias"] = self.bias[lo:hi].clone()
