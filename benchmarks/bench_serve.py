@@ -9,7 +9,7 @@ is the gap between events) and the load generator's own CPU use (it shares the m
 overhead: all requests sent at once, against `LLMEngine` serving the same requests queued at once
 in-process with the same ``max_num_seqs``.
 
-    python benchmarks/bench_serve.py [--config configs/tiny-cpu.yaml] [--requests 64] [--max-tokens 32]
+    python benchmarks/bench_serve.py [--config configs/tiny-cpu.yaml] [--requests 64] [--max-tokens 32] [--stream-interval 1]
 """
 
 from __future__ import annotations
@@ -172,6 +172,7 @@ def main() -> None:
                         help="torch threads of the server and of the in-process engine (default torch's: every core; "
                              "1 on a 2-core box leaves the HTTP loop a core of its own, as a real deployment has)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating server / in-process rounds for the overhead figure")
+    parser.add_argument("--stream-interval", type=int, default=1, help="the server's --stream-interval (tokens per streamed chunk)")
     args = parser.parse_args()
     env = os.environ.copy()
     if args.threads:
@@ -186,7 +187,7 @@ def main() -> None:
         max_seqs = max(int(x) for x in args.concurrency.split(","))
         log = open(Path(tmp) / "server.log", "w")
         server = subprocess.Popen(
-            [sys.executable, "-m", "r1kit.cli", "serve", "--model", str(model_dir), "--port", str(port), "--served-model-name", "bench", "--kv-cache-memory", str(64 << 20), "--max-num-seqs", str(max_seqs)],
+            [sys.executable, "-m", "r1kit.cli", "serve", "--model", str(model_dir), "--port", str(port), "--served-model-name", "bench", "--kv-cache-memory", str(64 << 20), "--max-num-seqs", str(max_seqs), "--stream-interval", str(args.stream_interval)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
         base = f"http://127.0.0.1:{port}"
@@ -199,8 +200,8 @@ def main() -> None:
                     pass
                 time.sleep(0.2)
             asyncio.run(client_load(base, prompts[:4], 4, 4))  # warm-up
-            print(f"model {args.config}, {args.requests} requests x {args.max_tokens} tokens per level, greedy, streaming, "
-                  f"{torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs")
+            print(f"model {args.config}, {args.requests} requests x {args.max_tokens} tokens per level, greedy, streaming "
+                  f"(stream interval {args.stream_interval}), {torch.get_num_threads()} torch threads on {os.cpu_count()} CPUs")
             print(f"{'clients':>8} {'req/s':>8} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'client CPU':>10}")
             for c in [int(x) for x in args.concurrency.split(",")]:
                 r = asyncio.run(client_load(base, prompts, c, args.max_tokens))

@@ -17,7 +17,7 @@ import threading
 import uuid
 from typing import AsyncIterator
 
-from r1kit.errors import R1kitError
+from r1kit.errors import ConfigError, R1kitError
 from r1kit.infer.outputs import RequestOutput, coalesce
 from r1kit.infer.sampling import SamplingParams
 
@@ -39,9 +39,17 @@ def _put_all(items: list) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, engine, max_waiting: int = 256, observer=None) -> None:
+    """``stream_interval``: a streaming request hears from the engine once it has this many new
+    tokens (its first token and its end at once), as SGLang's and vLLM's ``--stream-interval``: fewer,
+    larger chunks, so less server work per token, at the cost of smoothness."""
+
+    def __init__(self, engine, max_waiting: int = 256, observer=None, stream_interval: int = 1) -> None:
+        if stream_interval < 1:
+            raise ConfigError(f"stream_interval={stream_interval} must be >= 1 (tokens per streamed chunk)")
         self.engine = engine
         self.max_waiting = max_waiting
+        self.stream_interval = stream_interval
+        self._held: dict[str, RequestOutput] = {}  # engine thread: streamed outputs waiting for stream_interval tokens
         self.observer = observer  # on the engine thread: observer.on_step(engine, outputs), observer.on_abort(engine)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = {}  # loop, queue, every step?
@@ -155,10 +163,23 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)
-            if target is not None and (target[2] or out.finished):
-                by_loop.setdefault(target[0], []).append((target[1], out))
+            held = self._held.pop(out.request_id, None)
+            if target is None or not (target[2] or out.finished):
+                continue
+            if held is not None:
+                out = coalesce(held, out)
+            if not out.finished and not self._chunk_due(out):
+                self._held[out.request_id] = out
+                continue
+            by_loop.setdefault(target[0], []).append((target[1], out))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
+
+    def _chunk_due(self, out: RequestOutput) -> bool:
+        """A streamed output goes out with its first token, or once it carries ``stream_interval`` new ones."""
+        fresh = max(len(c.delta_token_ids) for c in out.outputs)
+        first = any(len(c.token_ids) == len(c.delta_token_ids) > 0 for c in out.outputs)
+        return fresh >= self.stream_interval or first
 
     def _loop(self) -> None:
         try:
@@ -206,6 +227,7 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if command[0] == "abort":
+                self._held.pop(command[1], None)
                 if self.engine.abort(command[1]):
                     self._observe("on_abort")
                 continue

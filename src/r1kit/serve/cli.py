@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting", type=int, default=256, help="requests in flight before new ones get 503 (default 256)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB; larger: 413)")
     parser.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1", help="split <think>…</think> into reasoning_content (default deepseek_r1)")
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="tokens per streamed chunk (default 1: every token at once; more: less server work per token)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
 
 
@@ -52,7 +54,7 @@ def load_state(args: argparse.Namespace, state) -> None:
     )
     engine = LLMEngine(model, tokenizer, config)
     state.tokenizer, state.template = tokenizer, ChatTemplate.from_model_dir(args.model)
-    state.engine = AsyncEngine(engine, max_waiting=args.max_waiting, observer=state.metrics)
+    state.engine = AsyncEngine(engine, max_waiting=args.max_waiting, observer=state.metrics, stream_interval=args.stream_interval)
 
 
 def name_os_thread(name: str) -> None:
