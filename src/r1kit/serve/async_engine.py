@@ -216,6 +216,7 @@ class AsyncEngine:
     def _fail_all(self, exc: Exception) -> None:
         """A step raised: every request the engine holds (running or queued) fails and is dropped."""
         for request_id in list(self.engine.requests):
+            self._held.pop(request_id, None)
             self.engine.abort(request_id)
             self._deliver(request_id, RuntimeError(f"the engine failed on a step with this request: {exc!r}"))
         self._observe("on_abort")
