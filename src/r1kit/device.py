@@ -11,7 +11,10 @@ from r1kit.errors import ConfigError
 
 def resolve_device(name: str | torch.device, what: str = "device") -> torch.device:
     """The torch device ``name`` means, checked: a device string torch knows and, for CUDA, a GPU
-    this process can see. ``what`` names the setting in the error (``--device``, ``train.device``)."""
+    this process can see; ``auto`` is the GPU where there is one, else the CPU. ``what`` names the
+    setting in the error (``--device``, ``train.device``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError):

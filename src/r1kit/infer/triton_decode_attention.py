@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 BLOCK_N = 32  # positions per step of the loop over the context
 
 
+@functools.cache
 def _kernel():
+    """The jitted kernel, defined once (Triton imported only when a GPU, or the interpreter, needs it)."""
     import triton
     import triton.language as tl
 

@@ -298,7 +298,7 @@ class StackedInt4Linear(Int4Linear):
         input grouping or zero convention, some with a bias and some without)."""
         layers = list(parts.values())
         first = layers[0]
-        if not all(isinstance(p, Int4Linear) and type(p) is Int4Linear for p in layers):
+        if not all(type(p) is Int4Linear for p in layers):
             return None
         same = all(
             (p.in_features, p.group_size, p.zero_offset, p.bits, p.scales.dtype, p.bias is None) ==
@@ -318,13 +318,11 @@ class StackedInt4Linear(Int4Linear):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         parent = prefix[: len(prefix) - len(self.name) - 1]
-        bounds = [0]
-        for size in self.split_sizes:
-            bounds.append(bounds[-1] + size)
-        for part, lo, hi in zip(self.parts, bounds, bounds[1:]):
-            destination[f"{parent}{part}.qweight"] = self.qweight[:, lo:hi].clone()
-            destination[f"{parent}{part}.qzeros"] = self.qzeros[:, lo // 8 : hi // 8].clone()
-            destination[f"{parent}{part}.scales"] = self.scales[:, lo:hi].clone()
-            destination[f"{parent}{part}.g_idx"] = self.g_idx.clone()
-            if self.bias is not None:
-                destination[f"{parent}{part}.bias"] = self.bias[lo:hi].clone()
+        sizes = self.split_sizes
+        pieces = zip(self.qweight.split(sizes, dim=1), self.qzeros.split([n // 8 for n in sizes], dim=1), self.scales.split(sizes, dim=1),
+                     self.bias.split(sizes) if self.bias is not None else [None] * len(sizes))
+        for part, (qweight, qzeros, scales, bias) in zip(self.parts, pieces):
+            tensors = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": self.g_idx, "bias": bias}
+            for key, tensor in tensors.items():
+                if tensor is not None:
+                    destination[f"{parent}{part}.{key}"] = tensor.clone()

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from r1kit.device import resolve_device
 from r1kit.errors import ConfigError
 
 
@@ -52,7 +53,7 @@ def setup(tensor_parallel: int = 1, device: str = "auto") -> DistInfo:
     if world == 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    kind = torch.device(device).type if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = resolve_device("auto").type if device == "auto" else torch.device(device).type  # train.device is validated at load
     if kind == "cuda":
         if local >= torch.cuda.device_count():
             raise ConfigError(

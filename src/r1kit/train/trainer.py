@@ -38,12 +38,6 @@ from r1kit.train.schedule import lr_at
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_device(name, "train.device")
-
-
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only (``dim >= 2``); norms and biases are not decayed."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -107,7 +101,7 @@ class Trainer:
         self.config, self.log = config, log
         self.out = Path(config.out)
         self.dist = distributed.setup(config.tensor_parallel, config.device)
-        self.device = pick_device(config.device) if self.dist.world == 1 else self.dist.device
+        self.device = resolve_device(config.device, "train.device") if self.dist.world == 1 else self.dist.device
         if config.threads:
             torch.set_num_threads(config.threads)
         if config.precision == "fp16" and self.device.type != "cuda":
