@@ -7,79 +7,31 @@ kernel (``csrc/paged_decode_attention.c``) follows each sequence's block table a
 value once, for all the query heads that share it (GQA). One query token per sequence: prefill
 chunks keep the gather path, where the copy is small beside their compute.
 
-Build: ``$CC`` (default ``gcc``) compiles the C file with ``-O3 -march=native -ffast-math -fopenmp``
-(fast-math at compile time only, see ``COMPILE_FLAGS``) into a cache folder (``$R1KIT_KERNEL_CACHE``,
-default ``~/.cache/r1kit/kernels``) under a name hashed from the source, the flags, the compiler and
-this CPU's feature flags; it is built in a temporary folder and renamed into place, so a concurrent
-build never loads half a library. The library resolves ``libgomp.so.1`` to the copy torch already
-loaded, so its threads are torch's threads (``torch.set_num_threads``). Where nothing can be built
-(no compiler), :func:`load_kernel` returns None and the engine keeps the gather path.
+Built on first use by :mod:`r1kit.native` (``-O3 -march=native``, cached on disk). Where nothing can
+be built (no compiler), :func:`load_kernel` returns None and the engine keeps the gather path.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
+from r1kit import native
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
-# -ffast-math lets the compiler vectorize the dot products' sums and expf; it must be a compile-only flag:
-# linked with it, gcc adds crtfastmath.o, which flushes subnormals to zero for the whole process at load
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-funroll-loops", "-fopenmp", "-fPIC", "-std=c11")
-LINK_FLAGS = ("-shared", "-fopenmp")
 DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    """``$R1KIT_KERNEL_CACHE``, else ``~/.cache/r1kit/kernels``, else (no writable home) the temp folder."""
-    explicit = os.environ.get("R1KIT_KERNEL_CACHE")
-    if explicit:
-        return Path(explicit)
-    home = Path.home() / ".cache" / "r1kit" / "kernels"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
-    except OSError:
-        return Path(tempfile.gettempdir()) / "r1kit-kernels"
 
 
 def build(cache: Path | None = None) -> Path:
     """Compile the kernel (or find it already built); the path of the shared library."""
-    compiler = os.environ.get("CC", "gcc")
-    source = SOURCE.read_bytes()
-    flags = " ".join(COMPILE_FLAGS + LINK_FLAGS).encode()
-    key = hashlib.sha256(b"\0".join([source, flags, compiler.encode(), platform.machine().encode(), _cpu_flags().encode()]))
-    folder = cache or _cache_dir()
-    target = folder / f"paged_decode_attention-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
-        for args in ([*COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)], [*LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
-            subprocess.run([compiler, *args], check=True, capture_output=True, text=True, timeout=120)
-        os.replace(lib, target)
-    return target
+    return native.build(SOURCE, cache)
 
 
 class PagedDecodeKernel:

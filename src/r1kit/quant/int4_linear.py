@@ -3,13 +3,15 @@
 Its state dict is the checkpoint's (``qweight``, ``qzeros``, ``scales``, ``g_idx`` [, ``bias``]), so a
 quantized model saves and loads in the GPTQ layout with no renaming. Two ways to compute:
 
-* ``kernel`` (CPU): torch's int4 kernel, ``aten._weight_int4pack_mm_for_cpu``. At first use the
-  GPTQ codes are repacked once into the kernel's layout (``_convert_weight_to_int4pack_for_cpu`` on
-  [out, in] codes) with scales and zeros as [in/g, out, 2] in the float domain, where the kernel
-  computes ``w = (q − 8)·scale + zero``; GPTQ's ``scale·(q − z)`` is that with ``zero = (8 − z)·scale``.
-  The kernel runs on bfloat16 activations (its float32 path is a slow fallback), so inputs are cast
-  to bf16 and outputs back. Act-order checkpoints (non-monotonic ``g_idx``) are handled by sorting
-  the input features by group once and gathering the activations' columns the same way.
+* ``kernel`` (CPU): at first use the GPTQ codes are repacked once for a CPU int4 kernel: r1kit's own
+  (:mod:`r1kit.quant.cpu_int4`, AVX512-BF16 dot products; float32 or bfloat16 activations in and out,
+  bias and act-order permutation inside the one call) where this CPU has AVX512-BF16 and the output
+  is a multiple of 32, else torch's ``aten._weight_int4pack_mm_for_cpu`` (``_convert_weight_to_int4pack_for_cpu``
+  on [out, in] codes, scales and zeros as [in/g, out, 2] in the float domain, where the kernel
+  computes ``w = (q − 8)·scale + zero``; GPTQ's ``scale·(q − z)`` is that with ``zero = (8 − z)·scale``;
+  bfloat16 activations, so inputs are cast to bf16 and outputs back; act-order checkpoints
+  (non-monotonic ``g_idx``) by sorting the input features by group once and gathering the
+  activations' columns the same way).
 * ``triton`` (CUDA): :mod:`r1kit.quant.triton_int4`, Triton kernels that read the GPTQ tensors as
   stored (act-order included): unpacked tile by tile inside the matmul for up to 16 rows,
   dequantized once per call for cuBLAS above that. Used on CUDA when ``triton`` is
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from r1kit.quant import packing
+from r1kit.quant import cpu_int4, packing
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 BACKENDS = ("auto", "kernel", "triton", "dequant")
@@ -67,8 +69,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", packing.default_g_idx(in_features, group_size, device=device or "cpu"))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._kernel: tuple | None = None  # (device and weights version, kernel state or None)
-        self._frozen: tuple | None = None  # the kernel state fixed by freeze()
+        self._kernel: tuple | None = None  # (device and weights version, CPU kernel state or None)
+        self._frozen = None  # the CPU kernel state fixed by freeze()
         self._groups: tuple | None = None  # (g_idx device and version, contiguous group size or 0)
         self.backend = "auto"
 
@@ -122,9 +124,8 @@ class Int4Linear(nn.Module):
         size = packing.group_span(self.in_features, self.group_size)
         return bool((self.g_idx.long() == torch.arange(self.in_features, device=self.g_idx.device) // size).all())
 
-    def _kernel_state(self, device: torch.device) -> tuple | None:
-        """(packed weight, scales-and-zeros, input order or None, kernel group), built once per device and
-        weights version; None where the kernel does not apply (not CPU, out_features % 16, group sizes)."""
+    def _kernel_state(self, device: torch.device):
+        """The CPU kernel's state (see :func:`pack_for_kernel`), built once per device and weights version; None where the kernel does not apply (not CPU, out_features % 16, group sizes)."""
         key = (device, self.qweight._version, self.qzeros._version, self.scales._version, self.g_idx._version)
         if self._kernel is not None and self._kernel[0] == key:
             return self._kernel[1]
@@ -222,21 +223,30 @@ class Int4Linear(nn.Module):
 
 
 
-def pack_for_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: torch.Tensor | None, kgroup: int) -> tuple:
-    """The CPU kernel's state from :meth:`Int4Linear.kernel_inputs`: (packed weight, scales-and-zeros, order, group)."""
+def pack_for_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: torch.Tensor | None, kgroup: int):
+    """The CPU kernel's state from :meth:`Int4Linear.kernel_inputs`: r1kit's own kernel's layout
+    (:class:`~r1kit.quant.cpu_int4.PackedInt4`) where it is built for this CPU and the shape fits,
+    else torch's (packed weight, scales-and-zeros, order, group)."""
+    native = cpu_int4.load()
+    if native is not None and cpu_int4.fits(*codes.shape, kgroup):
+        return cpu_int4.pack(codes, scales, zeros, order, kgroup)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
     scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
     return packed, scale_zero, order, kgroup
 
 
-def int4_matmul(x: torch.Tensor, state: tuple, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` through the CPU int4 kernel (bf16 activations inside, ``x``'s dtype out)."""
+def int4_matmul(x: torch.Tensor, state, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` through the CPU int4 kernel of ``state`` (see :func:`pack_for_kernel`); ``x``'s dtype out."""
+    if isinstance(state, cpu_int4.PackedInt4):
+        if x.dtype in cpu_int4.FUNCTIONS:
+            return cpu_int4.load()(x, state, bias)
+        return cpu_int4.load()(x.float(), state, bias).to(x.dtype)
     packed, scale_zero, order, kgroup = state
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if order is not None:
         x2 = x2.index_select(1, order)
-    # each step skipped where it is a no-op: at decode the call itself is ~10 µs, so these count
+    # torch's kernel takes bfloat16 activations (its float32 path is a slow fallback)
     if x2.dtype != torch.bfloat16:
         x2 = x2.to(torch.bfloat16)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2 if x2.is_contiguous() else x2.contiguous(), packed, kgroup, scale_zero)

@@ -1,0 +1,66 @@
+"""Builds r1kit's C kernels on first use, for this CPU, into an on-disk cache.
+
+``$CC`` (default ``gcc``) compiles a C file with ``-O3 -march=native -ffast-math -fopenmp``
+(fast-math at compile time only, see ``COMPILE_FLAGS``) into a cache folder (``$R1KIT_KERNEL_CACHE``,
+default ``~/.cache/r1kit/kernels``) under a name hashed from the source, the flags, the compiler and
+this CPU's feature flags; it is built in a temporary folder and renamed into place, so a concurrent
+build never loads half a library. A library resolves ``libgomp.so.1`` to the copy torch already
+loaded, so its threads are torch's threads (``torch.set_num_threads``). Callers treat a failed build
+(no compiler) as "no kernel" and keep their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+# -ffast-math lets the compiler vectorize sums and expf; it must be a compile-only flag: linked with
+# it, gcc adds crtfastmath.o, which flushes subnormals to zero for the whole process at load
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-funroll-loops", "-fopenmp", "-fPIC", "-std=c11")
+LINK_FLAGS = ("-shared", "-fopenmp")
+
+
+def cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_dir() -> Path:
+    """``$R1KIT_KERNEL_CACHE``, else ``~/.cache/r1kit/kernels``, else (no writable home) the temp folder."""
+    explicit = os.environ.get("R1KIT_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    home = Path.home() / ".cache" / "r1kit" / "kernels"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return Path(tempfile.gettempdir()) / "r1kit-kernels"
+
+
+def build(source: Path, cache: Path | None = None) -> Path:
+    """Compile ``source`` into a shared library (or find it already built); the library's path.
+    Raises OSError or subprocess.SubprocessError where it cannot be built."""
+    compiler = os.environ.get("CC", "gcc")
+    flags = " ".join(COMPILE_FLAGS + LINK_FLAGS).encode()
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), flags, compiler.encode(), platform.machine().encode(), cpu_flags().encode()]))
+    folder = cache or cache_dir()
+    target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
+        for args in ([*COMPILE_FLAGS, "-c", str(source), "-o", str(obj)], [*LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
+            subprocess.run([compiler, *args], check=True, capture_output=True, text=True, timeout=120)
+        os.replace(lib, target)
+    return target
