@@ -12,6 +12,7 @@ from r1kit import LLM, SamplingParams
 from r1kit.infer import decode_attention
 from r1kit.infer.generate import generate
 from r1kit.model import R1kitForCausalLM
+from r1kit.model.rope import apply_rotary
 
 KERNEL = decode_attention.load_kernel()
 pytestmark = pytest.mark.skipif(KERNEL is None, reason="no C compiler: the engine gathers K/V instead")
@@ -69,6 +70,61 @@ def assert_matches_naive(kernel, case, device="cpu"):
 @given(problems())
 def test_kernel_equals_naive_attention(problem):
     assert_matches_naive(KERNEL, random_case(*problem))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.integers(0, 1000))
+def test_fused_rope_store_attend_equals_the_three_steps(problem, position_seed):
+    """rope_attend = apply_rotary on q and k, write k and v into each row's newest slot, naive attention."""
+    q, k_pool, v_pool, tables, contexts, lowest, block_size = random_case(*problem)
+    seqs, hq, _, dim = q.shape
+    hkv, dtype = k_pool.shape[1], q.dtype
+    if dim % 2:
+        return
+    g = torch.Generator().manual_seed(position_seed)
+    qkv = torch.randn(seqs, 1, (hq + 2 * hkv) * dim, generator=g).to(dtype)
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
+    angles = torch.randint(0, 4096, (seqs, 1, 1), generator=g).float() * inv_freq
+    cos, sin = torch.cat((angles.cos(),) * 2, -1).to(dtype), torch.cat((-angles.sin(), angles.sin()), -1).to(dtype)
+    newest = contexts - 1
+    slots = tables.gather(1, (newest // block_size)[:, None])[:, 0] * block_size + newest % block_size
+    want_q, want_k, want_v = qkv.view(seqs, 1, hq + 2 * hkv, dim).transpose(1, 2).split([hq, hkv, hkv], dim=1)
+    want_q, want_k = apply_rotary(want_q, cos, sin), apply_rotary(want_k, cos, sin)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
+    k_ref[slots], v_ref[slots] = want_k[:, :, 0], want_v[:, :, 0]
+
+    out = KERNEL.rope_attend(qkv, cos, sin, k_pool, v_pool, slots, tables, contexts, lowest, block_size, hq)
+    assert out.shape == (seqs, 1, hq * dim) and out.dtype == dtype
+    # the written keys round as PyTorch's `x * cos + roll(x) * sin` does: bf16 bit for bit
+    torch.testing.assert_close(k_pool, k_ref, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-6)
+    assert torch.equal(v_pool, v_ref)
+    want = naive(want_q, k_ref, v_ref, tables, contexts, lowest, block_size)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (out.view(seqs, hq, 1, dim).double() - want).abs().max() <= tolerance * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_decodes_global_and_local_layers_in_one_fused_call(tiny_config, dtype):
+    model = R1kitForCausalLM(tiny_config(attention=("global", "local"), local_window=5, qkv_bias=True)).eval().to(dtype)
+    prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 10, 11], [3, 1, 4]]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    want = [generate(model, p, params) for p in prompts]
+    llm = LLM(model, block_size=4, num_kv_blocks=32)
+    pool = llm.llm_engine.runner.pool
+    calls = []
+    real = pool.decode_kernel
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def rope_attend(self, qkv, *args):
+            calls.append(qkv.shape[0])
+            return real.rope_attend(qkv, *args)
+
+    pool.decode_kernel = Counting()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
+    assert len(calls) >= 2 * 9 and max(calls) == 2  # both layers, every decode step, both rows at once
 
 
 def test_engine_decodes_through_the_kernel(tiny_config):

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
 DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
+FUSED = {torch.float32: "paged_decode_rope_attention_f32", torch.bfloat16: "paged_decode_rope_attention_bf16"}
+STATUS = {1: "bad head grouping or odd head dim", 2: "out of memory"}
 
 
 def build(cache: Path | None = None) -> Path:
@@ -35,17 +37,23 @@ def build(cache: Path | None = None) -> Path:
 
 
 class PagedDecodeKernel:
-    """The loaded library; :meth:`__call__` runs one layer's decode attention."""
+    """The loaded library; :meth:`__call__` runs one layer's decode attention, :meth:`rope_attend`
+    the same with the rotary embedding and the K/V write folded in."""
 
     def __init__(self, library: Path) -> None:
         lib = ctypes.CDLL(str(library))
         pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._fns = {}
+        self._fns, self._fused = {}, {}
         for dtype, name in DTYPES.items():
             fn = getattr(lib, name)
             fn.argtypes = [pointer] * 5 + [i64, pointer, pointer] + [i64] * 5 + [ctypes.c_float]
             fn.restype = ctypes.c_int
             self._fns[dtype] = fn
+        for dtype, name in FUSED.items():
+            fn = getattr(lib, name)
+            fn.argtypes = [pointer] * 8 + [i64, pointer, pointer] + [i64] * 5 + [ctypes.c_float]
+            fn.restype = ctypes.c_int
+            self._fused[dtype] = fn
 
     def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
         return device.type == "cpu" and dtype in self._fns
@@ -69,8 +77,32 @@ class PagedDecodeKernel:
             contexts.data_ptr(), lowest.data_ptr(), seqs, hq, hkv, dim, block_size, dim**-0.5,
         )
         if status:
-            raise RuntimeError(f"paged decode attention failed (status {status}: {'bad head grouping' if status == 1 else 'out of memory'})")
+            raise RuntimeError(f"paged decode attention failed (status {status}: {STATUS.get(status, 'unknown')})")
         return out.to(q.dtype).view(seqs, hq, 1, dim)
+
+    def rope_attend(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                    slots: torch.Tensor, tables: torch.Tensor, contexts: torch.Tensor, lowest: torch.Tensor, block_size: int,
+                    num_heads: int) -> torch.Tensor:
+        """One decode step of a layer from its fused q/k/v projection: ``qkv`` [S, 1, (Hq + 2·Hkv)·D]
+        (one token per sequence, heads in q, k, v order), ``cos``/``sin`` [S, 1, D] as
+        :class:`~r1kit.model.rope.RotaryEmbedding` returns them (sin's first half negated), all in the
+        pools' dtype. Rotates q and k, writes k and v into slot ``slots[s]`` (int64 [S]) of the pools,
+        then attends as :meth:`__call__` does. Returns [S, 1, Hq·D] (the heads side by side, as the
+        output projection takes them). The pools, tables, contexts and lowest are the engine's own
+        (contiguous, int64): only the per-step tensors are checked."""
+        seqs, hkv, dim = qkv.shape[0], k_pool.shape[1], k_pool.shape[2]
+        if qkv.shape[-1] != (num_heads + 2 * hkv) * dim or qkv.numel() != seqs * qkv.shape[-1]:
+            raise ValueError(f"paged decode attention: qkv {tuple(qkv.shape)} is not one token of {num_heads} + 2·{hkv} heads of {dim} per sequence")
+        if not (qkv.dtype == cos.dtype == sin.dtype == k_pool.dtype) or not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError("paged decode attention: qkv, cos and sin must be contiguous and in the pools' dtype")
+        out = torch.empty(seqs, 1, num_heads * dim, dtype=qkv.dtype)
+        status = self._fused[k_pool.dtype](
+            qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), out.data_ptr(),
+            tables.data_ptr(), tables.shape[1], contexts.data_ptr(), lowest.data_ptr(), seqs, num_heads, hkv, dim, block_size, dim**-0.5,
+        )
+        if status:
+            raise RuntimeError(f"paged decode attention failed (status {status}: {STATUS.get(status, 'unknown')})")
+        return out
 
 
 @functools.cache

@@ -158,6 +158,19 @@ class PagedBatch:
         v_all = self.pool.v[layer_idx].index_select(0, read.flatten()).view(*read.shape, heads, dim).transpose(1, 2)
         return k_all.to(k.dtype), v_all.to(v.dtype)
 
+    def rope_store_attend(self, layer_idx: int, kind: str, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          num_heads: int) -> torch.Tensor | None:
+        """``update`` and ``attend`` of a decode layer in one kernel call, from the fused q/k/v
+        projection before the rotary embedding (see :meth:`~r1kit.infer.decode_attention.PagedDecodeKernel.rope_attend`):
+        [B, 1, Hq·D]. None where the view has no such kernel (rows of several tokens, the GPU's kernel,
+        a pool in another dtype): the model then takes the two-call path."""
+        kernel = self.pool.decode_kernel
+        if not self.direct or not hasattr(kernel, "rope_attend") or qkv.dtype != self.pool.k[layer_idx].dtype:
+            return None
+        lowest = self._lowest["local" if kind == "local" else "full"]
+        return kernel.rope_attend(qkv, cos, sin, self.pool.k[layer_idx], self.pool.v[layer_idx], self.write_dst, self._tables,
+                                  self.contexts, lowest, self.pool.block_size, num_heads)
+
     def attend(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention of ``kind`` over the keys the latest ``update`` returned (``k``, ``v``), or, for
         one-token rows with the decode kernel, over the latest updated layer's keys in the pool."""

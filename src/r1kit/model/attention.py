@@ -176,7 +176,14 @@ class Attention(nn.Module):
         batch, m, _ = x.shape
         # -1 heads: under tensor parallelism each rank projects only its own share of the heads
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+            qkv = self.qkv_proj(x)
+            # a paged cache may do rotary, K/V write and attention of a decode step in one call; the
+            # hybrid mixes two branches of the same q, so it keeps the two-call path
+            fused = getattr(cache, "rope_store_attend", None) if self.kind != "hybrid" else None
+            out = fused(self.layer_idx, self.kind, qkv, cos, sin, self.num_heads) if fused is not None else None
+            if out is not None:
+                return self.o_proj(out)
+            q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(batch, m, -1, self.head_dim).transpose(1, 2)

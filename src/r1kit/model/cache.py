@@ -21,7 +21,9 @@ class KVCacheView(Protocol):
     A cache for a batch of sequences at different positions (the engine's) also has
     ``attend(kind, q, k, v) -> out``: it computes the attention of ``kind`` ("global" or "local")
     itself, since only it knows each row's positions, window and padding; layers then only project
-    and mix branches."""
+    and mix branches. It may also have ``rope_store_attend(layer_idx, kind, qkv, cos, sin, num_heads)
+    -> out or None``: the rotary embedding, ``update`` and ``attend`` of a fused q/k/v projection's
+    output in one call (the engine's decode steps on the CPU); None sends the layer the long way."""
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 

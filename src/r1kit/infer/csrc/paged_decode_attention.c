@@ -7,6 +7,12 @@
  * all G heads of its group. Scores go to a per-thread buffer; softmax in float; out = Σ softmax · v.
  * The head dimension is a compile-time constant for 64 and 128 (the loops over it unroll fully).
  * Tasks (s, h) are spread over the OpenMP threads of the runtime torch loaded.
+ *
+ * paged_decode_rope_attention_* does a decode layer's whole step between the q/k/v projection and the
+ * output projection in that one call: from the fused projection's row [Hq + 2·Hkv heads] of each
+ * sequence it rotates q and k (RoPE, "rotate half", sin's first half negated as the model passes it),
+ * writes k and v into the sequence's new slot, and attends. Each task (s, h) writes only its own head
+ * of its own sequence's slot before reading that head's keys, so tasks need no barrier.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,6 +28,16 @@ static inline float load_bf16(const uint16_t *p, int64_t i) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+static inline float round_f32(float f) { return f; }
+static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+static inline float round_bf16(float f) { uint16_t h = to_bf16(f); return load_bf16(&h, 0); }
+static inline float store_f32(float f) { return f; }
 
 #define DEFINE_TASK(NAME, KV_T, LOAD)                                                                     \
 static inline __attribute__((always_inline)) void NAME(                                                 \
@@ -100,3 +116,64 @@ DEFINE_TASK(task_f32, float, load_f32)
 DEFINE_TASK(task_bf16, uint16_t, load_bf16)
 DEFINE_KERNEL(paged_decode_attention_f32, task_f32, float)
 DEFINE_KERNEL(paged_decode_attention_bf16, task_bf16, uint16_t)
+
+/* rope(x)[d] = x[d]·cos[d] + x[d ± D/2]·sin[d], each product and the sum rounded to the element type
+ * as PyTorch's `x * cos + x.roll(D/2) * sin` rounds them. */
+#define DEFINE_FUSED(NAME, TASK, T, LOAD, ROUND, STORE)                                                  \
+int NAME(const T *qkv, const T *cos, const T *sin, T *k_pool, T *v_pool, const int64_t *slots, T *out,   \
+         const int64_t *tables, int64_t table_width, const int64_t *contexts, const int64_t *lowest,    \
+         int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, float scale) {     \
+    const int64_t group = hq / hkv, half = dim / 2, width = (hq + 2 * hkv) * dim;                      \
+    if (group > MAX_GROUP || group * hkv != hq || dim % 2) return 1;                                    \
+    int failed = 0;                                                                                     \
+    _Pragma("omp parallel")                                                                             \
+    {                                                                                                   \
+        float *scores = NULL;                                                                           \
+        int64_t capacity = 0;                                                                           \
+        float *qs = (float *)malloc(sizeof(float) * group * dim), *os = (float *)malloc(sizeof(float) * group * dim); \
+        _Pragma("omp for schedule(dynamic, 1)")                                                         \
+        for (int64_t task = 0; task < num_seqs * hkv; ++task) {                                         \
+            if (qs == NULL || os == NULL) { failed = 1; continue; }                                     \
+            const int64_t s = task / hkv, h = task % hkv;                                               \
+            const T *row = qkv + s * width, *c = cos + s * dim, *sn = sin + s * dim;                    \
+            const T *kin = row + (hq + h) * dim, *vin = row + (hq + hkv + h) * dim;                     \
+            T *kout = k_pool + (slots[s] * hkv + h) * dim, *vout = v_pool + (slots[s] * hkv + h) * dim; \
+            for (int64_t d = 0; d < dim; ++d) {                                                         \
+                const int64_t o = d < half ? d + half : d - half;                                       \
+                kout[d] = STORE(ROUND(ROUND(LOAD(kin, d) * LOAD(c, d)) + ROUND(LOAD(kin, o) * LOAD(sn, d)))); \
+                vout[d] = vin[d];                                                                       \
+            }                                                                                           \
+            for (int64_t g = 0; g < group; ++g) {                                                       \
+                const T *qin = row + (h * group + g) * dim;                                             \
+                for (int64_t d = 0; d < dim; ++d) {                                                     \
+                    const int64_t o = d < half ? d + half : d - half;                                   \
+                    qs[g * dim + d] = ROUND(ROUND(LOAD(qin, d) * LOAD(c, d)) + ROUND(LOAD(qin, o) * LOAD(sn, d))); \
+                }                                                                                       \
+            }                                                                                           \
+            const int64_t lo = lowest[s], n = contexts[s] - lo;                                         \
+            T *dst = out + (s * hq + h * group) * dim;                                                  \
+            if (n <= 0) { memset(dst, 0, sizeof(T) * group * dim); continue; }                          \
+            if (n * group > capacity) {                                                                 \
+                free(scores);                                                                           \
+                capacity = n * group;                                                                   \
+                scores = (float *)malloc(sizeof(float) * capacity);                                     \
+                if (scores == NULL) { capacity = 0; failed = 1; continue; }                             \
+            }                                                                                           \
+            const int64_t *table = tables + s * table_width;                                            \
+            if (dim == 64)                                                                              \
+                TASK(qs, k_pool, v_pool, os, table, lo, n, group, hkv, h, 64, block_size, scale, scores); \
+            else if (dim == 128)                                                                        \
+                TASK(qs, k_pool, v_pool, os, table, lo, n, group, hkv, h, 128, block_size, scale, scores); \
+            else                                                                                        \
+                TASK(qs, k_pool, v_pool, os, table, lo, n, group, hkv, h, dim, block_size, scale, scores); \
+            for (int64_t i = 0; i < group * dim; ++i) dst[i] = STORE(os[i]);                            \
+        }                                                                                               \
+        free(scores);                                                                                   \
+        free(qs);                                                                                       \
+        free(os);                                                                                       \
+    }                                                                                                   \
+    return failed ? 2 : 0;                                                                              \
+}
+
+DEFINE_FUSED(paged_decode_rope_attention_f32, task_f32, float, load_f32, round_f32, store_f32)
+DEFINE_FUSED(paged_decode_rope_attention_bf16, task_bf16, uint16_t, load_bf16, round_bf16, to_bf16)
