@@ -44,6 +44,7 @@ from r1kit.infer.sampling import SamplingParams
 from r1kit.model.hf import load_model
 from r1kit.model.transformer import R1kitForCausalLM
 from r1kit.quant import Int4Linear, QuantConfig, quantize_model, save_quantized, to_int4
+from r1kit.quant.quantizer import layer_linears
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -112,6 +113,34 @@ def linear_bytes(model) -> tuple[int, int]:
     return fp, q
 
 
+@torch.no_grad()
+def linear_inputs(model, blocks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every quantizable linear's inputs [tokens, in] when the float model reads ``blocks``."""
+    inputs, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for name, linear in layer_linears(layer).items():
+            hooks.append(linear.register_forward_hook(
+                lambda _m, inp, _out, key=f"model.layers.{i}.{name}": inputs.__setitem__(key, inp[0].reshape(-1, inp[0].shape[-1]))))
+    try:
+        model(blocks[:, :-1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+@torch.no_grad()
+def output_errors(state: dict[str, torch.Tensor], quantized, inputs: dict[str, torch.Tensor]) -> list[float]:
+    """Per linear, ‖X·(W − Q)ᵀ‖² / ‖X·Wᵀ‖² on held-out inputs X: the error GPTQ minimises (on its
+    calibration inputs), measured on text it did not see."""
+    errors = []
+    for key, x in inputs.items():
+        w = state[f"{key}.weight"]
+        q = quantized.get_submodule(key).weight
+        errors.append(float((x @ (w - q).T).square().sum() / (x @ w.T).square().sum()))
+    return errors
+
+
 # -- quality -------------------------------------------------------------------------------------------
 def bench_quality(args) -> None:
     torch.set_num_threads(args.threads[0])
@@ -141,6 +170,8 @@ def bench_quality(args) -> None:
     state = {k: v.clone() for k, v in model.state_dict().items()}
     calib = train_blocks[torch.randperm(train_blocks.shape[0], generator=torch.Generator().manual_seed(1))[: args.nsamples], :-1]
     rows = [("fp32", perplexity(model, val_blocks), 0.0, None)]
+    held_out_inputs = linear_inputs(model, val_blocks[: args.error_blocks])
+    errors: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "fp32")
         fp_size = dir_bytes(Path(tmp) / "fp32")
@@ -152,6 +183,8 @@ def bench_quality(args) -> None:
                 t0 = time.perf_counter()
                 results = quantize_model(m, qc, calib if method == "gptq" else None, batch_size=8)
                 seconds = time.perf_counter() - t0
+                if group_size == args.group_sizes[0]:  # m holds the fake-quantized float weights now
+                    errors[method] = output_errors(state, m, held_out_inputs)
                 out = Path(tmp) / f"{method}{group_size}"
                 save_quantized(m, out, qc, results)
                 loaded = load_model(out)  # perplexity through the int4 layers, as served
@@ -165,6 +198,10 @@ def bench_quality(args) -> None:
     for name, ppl, seconds, size in rows:
         size = size or fp_size
         print(f"{name:<24}{ppl:>12.3f}{100 * (ppl / base - 1):>+9.2f}%{seconds:>11.1f}s{size / 2**20:>13.2f} MiB{100 * size / fp_size:>8.1f}%")
+    rtn, gptq = errors["rtn"], errors["gptq"]
+    print(f"layer-output error on held-out text (g{args.group_sizes[0]}, {len(rtn)} linears, ‖X(W−Q)ᵀ‖²/‖XWᵀ‖²): "
+          f"RTN mean {100 * sum(rtn) / len(rtn):.3f}%, GPTQ mean {100 * sum(gptq) / len(gptq):.3f}% "
+          f"({sum(g < r for g, r in zip(gptq, rtn))}/{len(rtn)} linears lower with GPTQ, GPTQ/RTN {sum(gptq) / sum(rtn):.2f})")
     print(f"quantized linears alone (g{args.group_sizes[0]}): {lin_q / 2**20:.2f} MiB vs {lin_fp / 2**20:.2f} MiB fp32 = {100 * lin_q / lin_fp:.2f}% "
           f"(4/32 = 12.5% + scales/zeros/g_idx); embeddings and lm_head stay fp32")
 
@@ -273,6 +310,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     p.add_argument("--eval-blocks", type=int, default=256, help="held-out sequences for perplexity")
     p.add_argument("--nsamples", type=int, default=128, help="GPTQ calibration samples")
+    p.add_argument("--error-blocks", type=int, default=16, help="held-out sequences for the layer-output errors")
     p.add_argument("--group-size", type=int, default=128, help="group size of the speed model")
     p.add_argument("--group-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[128, -1],
                    help="group sizes of the quality comparison (default 128,-1: -1 is per output channel)")
