@@ -87,6 +87,7 @@ def test_bad_inputs_are_clear_errors():
         KERNEL(torch.randn(1, 48), packed)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         KERNEL(torch.randn(1, 64).half(), packed)
+    assert KERNEL(torch.randn(0, 64), packed).shape == (0, 32)  # an empty batch is an empty answer
     with pytest.raises(ValueError, match="does not fit"):
         cpu_int4.pack(codes[:, :16], scales[:, :16], zeros[:, :16], None, 32)  # 16 outputs: not a tile
 

@@ -90,6 +90,8 @@ class Int4CpuKernel:
             x = x.contiguous()
         rows = x.numel() // packed.in_features
         out = torch.empty(*x.shape[:-1], packed.out_features, dtype=x.dtype)
+        if rows == 0:
+            return out
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         status = fn(
