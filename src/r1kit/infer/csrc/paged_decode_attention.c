@@ -5,7 +5,6 @@
  * position p is slot tables[s][p / block_size] * block_size + p % block_size, and a slot holds
  * Hkv × D values. Nothing is copied out of the pool, and each key and value row is read once for
  * all G heads of its group. Scores go to a per-thread buffer; softmax in float; out = Σ softmax · v.
- * The head dimension is a compile-time constant for 64 and 128 (the loops over it unroll fully).
  * Tasks (s, h) are spread over the OpenMP threads of the runtime torch loaded.
  *
  * paged_decode_rope_attention_* does a decode layer's whole step between the q/k/v projection and the
@@ -75,10 +74,31 @@ static inline __attribute__((always_inline)) void NAME(                         
         for (int64_t d = 0; d < dim; ++d) os[g * dim + d] *= inv_sum[g];                                \
 }
 
-#define DEFINE_KERNEL(NAME, TASK, KV_T)                                                                   \
+/* One task's attention, growing the thread's score buffer as needed (1: out of memory). The head
+ * dimension is a compile-time constant for 64 and 128, so their loops unroll fully. */
+#define DEFINE_ATTEND(NAME, TASK, KV_T)                                                                 \
+static inline int NAME(const float *qs, const KV_T *k, const KV_T *v, float *os, const int64_t *table,  \
+                       int64_t lo, int64_t n, int64_t group, int64_t hkv, int64_t h, int64_t dim,       \
+                       int64_t block_size, float scale, float **scores, int64_t *capacity) {            \
+    if (n * group > *capacity) {                                                                        \
+        free(*scores);                                                                                  \
+        *capacity = n * group;                                                                          \
+        *scores = (float *)malloc(sizeof(float) * *capacity);                                           \
+        if (*scores == NULL) { *capacity = 0; return 1; }                                               \
+    }                                                                                                   \
+    if (dim == 64)                                                                                      \
+        TASK(qs, k, v, os, table, lo, n, group, hkv, h, 64, block_size, scale, *scores);                \
+    else if (dim == 128)                                                                                \
+        TASK(qs, k, v, os, table, lo, n, group, hkv, h, 128, block_size, scale, *scores);               \
+    else                                                                                                \
+        TASK(qs, k, v, os, table, lo, n, group, hkv, h, dim, block_size, scale, *scores);               \
+    return 0;                                                                                           \
+}
+
+#define DEFINE_KERNEL(NAME, ATTEND, KV_T)                                                               \
 int NAME(const float *q, const KV_T *k, const KV_T *v, float *out, const int64_t *tables,               \
          int64_t table_width, const int64_t *contexts, const int64_t *lowest, int64_t num_seqs,         \
-         int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, float scale) {                      \
+         int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, float scale) {                       \
     const int64_t group = hq / hkv;                                                                     \
     if (group > MAX_GROUP || group * hkv != hq) return 1;                                               \
     int failed = 0;                                                                                     \
@@ -93,19 +113,9 @@ int NAME(const float *q, const KV_T *k, const KV_T *v, float *out, const int64_t
             const float *qs = q + (s * hq + h * group) * dim;                                           \
             float *os = out + (s * hq + h * group) * dim;                                               \
             if (n <= 0) { memset(os, 0, sizeof(float) * group * dim); continue; }                       \
-            if (n * group > capacity) {                                                                 \
-                free(scores);                                                                           \
-                capacity = n * group;                                                                   \
-                scores = (float *)malloc(sizeof(float) * capacity);                                     \
-                if (scores == NULL) { capacity = 0; failed = 1; continue; }                             \
-            }                                                                                           \
-            const int64_t *table = tables + s * table_width;                                            \
-            if (dim == 64)                                                                              \
-                TASK(qs, k, v, os, table, lo, n, group, hkv, h, 64, block_size, scale, scores);         \
-            else if (dim == 128)                                                                        \
-                TASK(qs, k, v, os, table, lo, n, group, hkv, h, 128, block_size, scale, scores);        \
-            else                                                                                        \
-                TASK(qs, k, v, os, table, lo, n, group, hkv, h, dim, block_size, scale, scores);        \
+            if (ATTEND(qs, k, v, os, tables + s * table_width, lo, n, group, hkv, h, dim, block_size, scale,\
+                       &scores, &capacity))                                                             \
+                failed = 1;                                                                             \
         }                                                                                               \
         free(scores);                                                                                   \
     }                                                                                                   \
@@ -114,12 +124,17 @@ int NAME(const float *q, const KV_T *k, const KV_T *v, float *out, const int64_t
 
 DEFINE_TASK(task_f32, float, load_f32)
 DEFINE_TASK(task_bf16, uint16_t, load_bf16)
-DEFINE_KERNEL(paged_decode_attention_f32, task_f32, float)
-DEFINE_KERNEL(paged_decode_attention_bf16, task_bf16, uint16_t)
+DEFINE_ATTEND(attend_f32, task_f32, float)
+DEFINE_ATTEND(attend_bf16, task_bf16, uint16_t)
+DEFINE_KERNEL(paged_decode_attention_f32, attend_f32, float)
+DEFINE_KERNEL(paged_decode_attention_bf16, attend_bf16, uint16_t)
 
 /* rope(x)[d] = x[d]·cos[d] + x[d ± D/2]·sin[d], each product and the sum rounded to the element type
  * as PyTorch's `x * cos + x.roll(D/2) * sin` rounds them. */
-#define DEFINE_FUSED(NAME, TASK, T, LOAD, ROUND, STORE)                                                  \
+#define ROPE(LOAD, ROUND, x, c, sn, d, half) \
+    ROUND(ROUND(LOAD(x, d) * LOAD(c, d)) + ROUND(LOAD(x, (d) < (half) ? (d) + (half) : (d) - (half)) * LOAD(sn, d)))
+
+#define DEFINE_FUSED(NAME, ATTEND, T, LOAD, ROUND, STORE)                                                  \
 int NAME(const T *qkv, const T *cos, const T *sin, T *k_pool, T *v_pool, const int64_t *slots, T *out,   \
          const int64_t *tables, int64_t table_width, const int64_t *contexts, const int64_t *lowest,    \
          int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, float scale) {     \
@@ -139,33 +154,18 @@ int NAME(const T *qkv, const T *cos, const T *sin, T *k_pool, T *v_pool, const i
             const T *kin = row + (hq + h) * dim, *vin = row + (hq + hkv + h) * dim;                     \
             T *kout = k_pool + (slots[s] * hkv + h) * dim, *vout = v_pool + (slots[s] * hkv + h) * dim; \
             for (int64_t d = 0; d < dim; ++d) {                                                         \
-                const int64_t o = d < half ? d + half : d - half;                                       \
-                kout[d] = STORE(ROUND(ROUND(LOAD(kin, d) * LOAD(c, d)) + ROUND(LOAD(kin, o) * LOAD(sn, d)))); \
+                kout[d] = STORE(ROPE(LOAD, ROUND, kin, c, sn, d, half));                                \
                 vout[d] = vin[d];                                                                       \
             }                                                                                           \
             for (int64_t g = 0; g < group; ++g) {                                                       \
                 const T *qin = row + (h * group + g) * dim;                                             \
-                for (int64_t d = 0; d < dim; ++d) {                                                     \
-                    const int64_t o = d < half ? d + half : d - half;                                   \
-                    qs[g * dim + d] = ROUND(ROUND(LOAD(qin, d) * LOAD(c, d)) + ROUND(LOAD(qin, o) * LOAD(sn, d))); \
-                }                                                                                       \
+                for (int64_t d = 0; d < dim; ++d) qs[g * dim + d] = ROPE(LOAD, ROUND, qin, c, sn, d, half);\
             }                                                                                           \
             const int64_t lo = lowest[s], n = contexts[s] - lo;                                         \
             T *dst = out + (s * hq + h * group) * dim;                                                  \
             if (n <= 0) { memset(dst, 0, sizeof(T) * group * dim); continue; }                          \
-            if (n * group > capacity) {                                                                 \
-                free(scores);                                                                           \
-                capacity = n * group;                                                                   \
-                scores = (float *)malloc(sizeof(float) * capacity);                                     \
-                if (scores == NULL) { capacity = 0; failed = 1; continue; }                             \
-            }                                                                                           \
-            const int64_t *table = tables + s * table_width;                                            \
-            if (dim == 64)                                                                              \
-                TASK(qs, k_pool, v_pool, os, table, lo, n, group, hkv, h, 64, block_size, scale, scores); \
-            else if (dim == 128)                                                                        \
-                TASK(qs, k_pool, v_pool, os, table, lo, n, group, hkv, h, 128, block_size, scale, scores); \
-            else                                                                                        \
-                TASK(qs, k_pool, v_pool, os, table, lo, n, group, hkv, h, dim, block_size, scale, scores); \
+            if (ATTEND(qs, k_pool, v_pool, os, tables + s * table_width, lo, n, group, hkv, h, dim, block_size,\
+                       scale, &scores, &capacity)) { failed = 1; continue; }                            \
             for (int64_t i = 0; i < group * dim; ++i) dst[i] = STORE(os[i]);                            \
         }                                                                                               \
         free(scores);                                                                                   \
@@ -175,5 +175,5 @@ int NAME(const T *qkv, const T *cos, const T *sin, T *k_pool, T *v_pool, const i
     return failed ? 2 : 0;                                                                              \
 }
 
-DEFINE_FUSED(paged_decode_rope_attention_f32, task_f32, float, load_f32, round_f32, store_f32)
-DEFINE_FUSED(paged_decode_rope_attention_bf16, task_bf16, uint16_t, load_bf16, round_bf16, to_bf16)
+DEFINE_FUSED(paged_decode_rope_attention_f32, attend_f32, float, load_f32, round_f32, store_f32)
+DEFINE_FUSED(paged_decode_rope_attention_bf16, attend_bf16, uint16_t, load_bf16, round_bf16, to_bf16)
