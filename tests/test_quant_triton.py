@@ -33,8 +33,15 @@ def test_triton_kernel_under_the_interpreter():
 def test_auto_backend_choice(monkeypatch):
     layer = random_int4(128, 64, 64)
     assert layer.resolved_backend(torch.device("cpu")) == "kernel"
+    from r1kit.quant import triton_int4
+
     monkeypatch.setattr(int4_linear, "triton_available", lambda: True)
-    assert layer.resolved_backend(torch.device("cuda")) == "triton"
+    checked = []
+    monkeypatch.setattr(triton_int4, "verified", lambda device, dtype: checked.append((device.type, dtype)) or True)
+    assert layer.resolved_backend(torch.device("cuda"), torch.bfloat16) == "triton"
+    assert checked == [("cuda", torch.bfloat16)]  # asked about this device and dtype
+    monkeypatch.setattr(triton_int4, "verified", lambda device, dtype: False)  # kernels that failed their self-check
+    assert layer.resolved_backend(torch.device("cuda")) == "dequant"
     monkeypatch.setattr(int4_linear, "triton_available", lambda: False)
     assert layer.resolved_backend(torch.device("cuda")) == "dequant"
     layer.backend = "triton"
@@ -58,6 +65,6 @@ def test_triton_kernel_on_cuda(dtype, rows, act_order):
     layer = random_int4(256, 96, 64, act_order=act_order, bias=True).to("cuda", dtype)
     x = torch.randn(rows, 256, device="cuda").to(dtype)
     ref = torch.nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
-    assert layer.resolved_backend(x.device) == "triton"
+    assert layer.resolved_backend(x.device, dtype) == "triton"  # the kernels passed their self-check on this GPU
     out = layer(x)
     assert out.dtype == dtype and (out.float() - ref).abs().max() <= RTOL[dtype] * ref.abs().max()

@@ -165,3 +165,18 @@ def test_engine_decodes_through_the_triton_kernel(tiny_config):
     llm.llm_engine.runner.pool.decode_kernel = counting  # what a CUDA engine holds (set by hand: this is the CPU)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert calls and max(calls) == 2  # both rows' decodes went through it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_self_check_passes_and_catches_a_wrong_kernel(dtype, monkeypatch, caplog):
+    cpu = torch.device("cpu")  # the interpreter runs the kernels on the CPU
+    triton_int4._self_check(cpu, dtype)  # every path agrees with the reference
+    real = triton_int4._launch
+    monkeypatch.setattr(triton_int4, "_launch", lambda *args: real(*args) * 1.05)  # a kernel 5% off
+    with pytest.raises(RuntimeError, match="self-check mismatch"):
+        triton_int4._self_check(cpu, dtype)
+    triton_int4.verified.cache_clear()
+    with caplog.at_level("WARNING"):
+        assert not triton_int4.verified(cpu, dtype)
+    assert "int4 layers dequantize instead" in caplog.text
+    triton_int4.verified.cache_clear()

@@ -174,18 +174,22 @@ class Int4Linear(nn.Module):
             self._frozen = self._kernel_state(self.qweight.device)
         return self._frozen is not None
 
-    def resolved_backend(self, device: torch.device) -> str:
-        """The backend a forward on ``device`` uses (``auto`` resolved)."""
+    def resolved_backend(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+        """The backend a forward of ``dtype`` activations on ``device`` uses (``auto`` resolved: on CUDA
+        the Triton kernels where ``triton`` is installed and they passed their self-check there)."""
         if self.backend != "auto":
             return self.backend
         if device.type == "cuda" and triton_available():
-            return "triton"
+            from r1kit.quant.triton_int4 import verified
+
+            if verified(device, dtype):
+                return "triton"
         return "kernel" if self.kernel_applies(device) else "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._frozen is not None:
             return int4_matmul(x, self._frozen, self.out_features, self.bias)
-        backend = self.resolved_backend(x.device)
+        backend = self.resolved_backend(x.device, x.dtype)
         if backend == "kernel":
             return self.forward_kernel(x)
         if backend == "triton":

@@ -31,14 +31,22 @@ bring it).
 
 from __future__ import annotations
 
+import functools
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from r1kit.quant import packing
+
+log = logging.getLogger(__name__)
+
 SMALL_M = 16  # up to this many rows the fused kernel; above it dequantize + cuBLAS
+# the self-check's tolerance: max |Δ| against the float32 reference, relative to max |reference|
+CHECK_RTOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 @dataclass(frozen=True)
@@ -240,3 +248,41 @@ def int4_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
         return (x2 @ dequantize(qweight, qzeros, scales, g_idx, zero_offset, x.dtype)).reshape(*lead, N)
     t = tiles or choose_tiles(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k)
     return _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t).to(x.dtype).reshape(*lead, N)
+
+
+def _self_check(device: torch.device, dtype: torch.dtype) -> None:
+    """Every path of :func:`int4_gptq_matmul` on small random layers against the dequantize reference
+    (PyTorch): one row and a few rows over contiguous groups and act-order, and many rows (dequantize
+    + cuBLAS). Raises where a result is wrong."""
+    g = torch.Generator().manual_seed(0)
+    K, N, group = 256, 128, 64
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
+    zeros = torch.randint(1, 16, (K // group, N), generator=g, dtype=torch.int32)
+    scales = (torch.rand(K // group, N, generator=g) * 0.05 + 0.01).half()
+    for act_order in (False, True):
+        g_idx = packing.default_g_idx(K, group)
+        if act_order:
+            g_idx = g_idx[torch.randperm(K, generator=g)]
+        t = {k: v.to(device) for k, v in packing.pack_gptq(codes, zeros, scales, g_idx, 4).items()}
+        weight = packing.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4)  # [N, K] float32
+        for rows in (1, 5, SMALL_M + 4):
+            x = torch.randn(rows, K, generator=g).to(device, dtype)
+            want = x.float() @ weight.T
+            out = int4_gptq_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 1, 0 if act_order else group).float()
+            error = float((out - want).abs().max() / want.abs().max())
+            if not error <= CHECK_RTOL[dtype]:
+                raise RuntimeError(f"int4 self-check mismatch ({rows} rows, act_order={act_order}, {dtype}): max |Δ| {error:.2e} of max |output|")
+
+
+@functools.cache
+def verified(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this device runs the kernels correctly in ``dtype`` (:func:`_self_check`, once per device
+    and dtype and process). False, with a warning, where they fail to compile, launch or agree: then
+    ``Int4Linear``'s ``auto`` backend keeps the dequantize path there, as the engine's decode
+    attention keeps its gather path when its Triton kernel fails its check."""
+    try:
+        _self_check(device, dtype)
+        return True
+    except Exception as exc:  # a compiler error, a launch failure, a wrong result: the reference path instead
+        log.warning("Triton int4 kernels unavailable on %s for %s, int4 layers dequantize instead: %r", device, dtype, exc)
+        return False
