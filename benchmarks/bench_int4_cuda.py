@@ -75,7 +75,7 @@ def main() -> None:
             layer(x)  # the first call picks the launch shape
             if rows <= SMALL_M:
                 t = choose_tiles(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx.int(), layer.zero_offset, layer._contiguous_group())
-                launch = f"{t.block_m}x{t.block_n}x{t.block_k} split {t.split_k}"
+                launch = f"{t.block_m}x{t.block_n}x{t.block_k} split {t.split_k}" if t else "dequantize (no shape ran correctly)"
             else:
                 launch = "dequantize + cuBLAS"
             err = float((layer(x).float() - ref).abs().max() / ref.abs().max())

@@ -196,30 +196,41 @@ def cuda_time(fn, reps: int = 10) -> float:
 class TileChooser:
     """The launch shape of each (device, one row or several, N, K, dtype, group) met so far: on the
     ``devices`` it times (GPUs) the fastest of :func:`candidate_tiles` by ``timer`` at first use;
-    elsewhere (the interpreter) the default."""
+    elsewhere (the interpreter) the default. A candidate counts only if it runs and its result on
+    that first input agrees with the dequantize reference (PyTorch), so a shape this GPU cannot run
+    or miscomputes is never chosen; None where no candidate qualifies (the caller then dequantizes)."""
 
     def __init__(self, timer=cuda_time, devices: tuple[str, ...] = ("cuda",)) -> None:
         self.timer, self.devices = timer, devices
-        self.chosen: dict[tuple, Tiles] = {}
+        self.chosen: dict[tuple, Tiles | None] = {}
 
-    def __call__(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k) -> Tiles:
+    def __call__(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k) -> Tiles | None:
         M, K = x2.shape
         N = qweight.shape[1]
         if x2.device.type not in self.devices:
             return default_tiles(M)
         key = (x2.device, M == 1, N, K, x2.dtype, group_k)
-        tiles = self.chosen.get(key)
-        if tiles is None:
-            timed, errors = [], []
-            for t in candidate_tiles(M, K) or [default_tiles(M)]:
-                try:
-                    timed.append((self.timer(lambda: _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t)), t))
-                except Exception as exc:  # a shape this GPU cannot run (e.g. out of shared memory) is not a candidate
-                    errors.append(exc)
-            if not timed:
-                raise errors[0]
-            tiles = self.chosen[key] = min(timed, key=lambda pair: pair[0])[1]
-        return tiles
+        if key not in self.chosen:
+            self.chosen[key] = self._choose(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, key)
+        return self.chosen[key]
+
+    def _choose(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, key) -> Tiles | None:
+        want = x2.float() @ packing.dequantize(qweight, qzeros, scales, g_idx, 4, zero_offset).T
+        bound = CHECK_RTOL[x2.dtype] * float(want.abs().max()) + 1e-6
+        timed, failures = [], []
+        for t in candidate_tiles(*x2.shape) or [default_tiles(x2.shape[0])]:
+            launch = functools.partial(_launch, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t)
+            try:  # a shape this GPU cannot run (e.g. out of shared memory) is not a candidate
+                error = float((launch().float() - want).abs().max())
+                if not error <= bound:
+                    raise RuntimeError(f"disagrees with the dequantize reference: max |Δ| {error:.2e}, bound {bound:.2e}")
+                timed.append((self.timer(launch), t))
+            except Exception as exc:
+                failures.append(f"{t}: {exc!r}")
+        if not timed:
+            log.warning("no int4 launch shape runs correctly for %s; dequantizing instead (%s)", key, "; ".join(failures)[:2000])
+            return None
+        return min(timed, key=lambda pair: pair[0])[1]
 
 
 choose_tiles = TileChooser()  # one per process, like Triton's autotuning cache
@@ -247,6 +258,8 @@ def int4_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     if M > SMALL_M:
         return (x2 @ dequantize(qweight, qzeros, scales, g_idx, zero_offset, x.dtype)).reshape(*lead, N)
     t = tiles or choose_tiles(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k)
+    if t is None:  # no launch shape ran correctly here for this shape: see TileChooser
+        return (x2 @ dequantize(qweight, qzeros, scales, g_idx, zero_offset, x.dtype)).reshape(*lead, N)
     return _launch(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t).to(x.dtype).reshape(*lead, N)
 
 
