@@ -1,6 +1,8 @@
 """r1kit's int4 CPU kernel (AVX512-BF16): its layout by hand, and its products against the exact
 formula on the same bfloat16-rounded activations, for every row count, dtype, bias and act-order."""
 
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -88,6 +90,12 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(TypeError, match="float32 or bfloat16"):
         KERNEL(torch.randn(1, 64).half(), packed)
     assert KERNEL(torch.randn(0, 64), packed).shape == (0, 32)  # an empty batch is an empty answer
+    with pytest.raises(ValueError, match="bias must be 32 values"):
+        KERNEL(torch.randn(1, 64), packed, torch.randn(31))
+    # a strided bias is read as the values it shows, not as its storage
+    bias = torch.randn(64)[::2]
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(KERNEL(x, packed, bias), KERNEL(x, packed) + bias, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="does not fit"):
         cpu_int4.pack(codes[:, :16], scales[:, :16], zeros[:, :16], None, 32)  # 16 outputs: not a tile
 
@@ -110,10 +118,31 @@ def test_int4_linear_uses_it_where_it_fits_and_torchs_kernel_elsewhere(monkeypat
     assert (torch_layer.forward_kernel(x) - want).abs().max() <= 1e-2 * want.abs().max()
 
 
+@needs_kernel
+def test_float16_activations_and_gradients():
+    layer = random_int4(128, 64, 64, bias=True)
+    x = torch.randn(3, 128)
+    ref = layer.forward_dequant(x)
+    half = layer(x.half())  # the kernel takes float32 or bfloat16: float16 goes through float32
+    assert isinstance(layer._kernel[1], cpu_int4.PackedInt4) and half.dtype == torch.float16
+    assert (half.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    # the kernels have no backward: a forward that needs gradients takes the dequantize path
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, layer.dequantized_weight().sum(0).expand(3, -1))
+    layer.backend = "kernel"
+    with pytest.raises(RuntimeError, match="has no backward"):
+        layer(x)
+
+
 def test_the_library_reports_whether_this_cpu_has_the_kernel():
     from r1kit import native
 
+    try:
+        library = cpu_int4.Int4CpuKernel(native.build(cpu_int4.SOURCE))
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("no C compiler")
     flags = native.cpu_flags().split()
-    library = cpu_int4.Int4CpuKernel(native.build(cpu_int4.SOURCE))
-    assert library.available == ("avx512_bf16" in flags and "avx512bw" in flags)
+    # never claimed without the CPU's flags (a compiler too old for AVX512-BF16 may decline it even with them)
+    assert not library.available or ("avx512_bf16" in flags and "avx512bw" in flags)
     assert (KERNEL is not None) == library.available

@@ -79,8 +79,6 @@ def test_fused_rope_store_attend_equals_the_three_steps(problem, position_seed):
     q, k_pool, v_pool, tables, contexts, lowest, block_size = random_case(*problem)
     seqs, hq, _, dim = q.shape
     hkv, dtype = k_pool.shape[1], q.dtype
-    if dim % 2:
-        return
     g = torch.Generator().manual_seed(position_seed)
     qkv = torch.randn(seqs, 1, (hq + 2 * hkv) * dim, generator=g).to(dtype)
     inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2).float() / dim)
@@ -95,36 +93,72 @@ def test_fused_rope_store_attend_equals_the_three_steps(problem, position_seed):
 
     out = KERNEL.rope_attend(qkv, cos, sin, k_pool, v_pool, slots, tables, contexts, lowest, block_size, hq)
     assert out.shape == (seqs, 1, hq * dim) and out.dtype == dtype
-    # the written keys round as PyTorch's `x * cos + roll(x) * sin` does: bf16 bit for bit
-    torch.testing.assert_close(k_pool, k_ref, rtol=0, atol=0 if dtype == torch.bfloat16 else 1e-6)
+    # the written keys round as PyTorch's `x * cos + roll(x) * sin` does: bit for bit, bf16 and fp32
+    assert torch.equal(k_pool, k_ref)
     assert torch.equal(v_pool, v_ref)
     want = naive(want_q, k_ref, v_ref, tables, contexts, lowest, block_size)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert (out.view(seqs, hq, 1, dim).double() - want).abs().max() <= tolerance * max(1.0, float(want.abs().max()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_engine_decodes_global_and_local_layers_in_one_fused_call(tiny_config, dtype):
-    model = R1kitForCausalLM(tiny_config(attention=("global", "local"), local_window=5, qkv_bias=True)).eval().to(dtype)
+class Counting:
+    """The engine's kernel, counting the rows of each call: ``plain`` (attention alone) and ``fused``
+    (rotary, K/V write and attention in one call)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.plain, self.fused = kernel, [], []
+
+    def supports(self, dtype, device):
+        return self.kernel.supports(dtype, device)
+
+    def __call__(self, q, *args):
+        self.plain.append(q.shape[0])
+        return self.kernel(q, *args)
+
+    def rope_attend(self, qkv, *args):
+        self.fused.append(qkv.shape[0])
+        return self.kernel.rope_attend(qkv, *args)
+
+
+def quantized(model):
+    from r1kit.quant import QuantConfig, quantize_model, to_int4
+
+    qc = QuantConfig(group_size=32, method="rtn")
+    return to_int4(model, quantize_model(model, qc), qc)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int4"])
+def test_engine_decodes_global_and_local_layers_in_one_fused_call(tiny_config, weights):
+    model = R1kitForCausalLM(tiny_config(attention=("global", "local"), local_window=5, qkv_bias=True, hidden_size=64,
+                                         num_heads=4, num_kv_heads=2, intermediate_size=128)).eval()
+    model = quantized(model) if weights == "int4" else model.to(getattr(torch, weights))
     prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 10, 11], [3, 1, 4]]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     want = [generate(model, p, params) for p in prompts]
     llm = LLM(model, block_size=4, num_kv_blocks=32)
     pool = llm.llm_engine.runner.pool
-    calls = []
-    real = pool.decode_kernel
+    if weights == "int4":  # q/k/v through one int4 kernel call, as a GPTQ checkpoint runs in the engine
+        from r1kit.quant.int4_linear import FusedInt4Linear
 
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def rope_attend(self, qkv, *args):
-            calls.append(qkv.shape[0])
-            return real.rope_attend(qkv, *args)
-
-    pool.decode_kernel = Counting()
+        assert isinstance(model.model.layers[0].self_attn.qkv_proj, FusedInt4Linear)
+    pool.decode_kernel = counting = Counting(pool.decode_kernel)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
-    assert len(calls) >= 2 * 9 and max(calls) == 2  # both layers, every decode step, both rows at once
+    assert len(counting.fused) >= 2 * 9 and max(counting.fused) == 2  # both layers, every decode step, both rows at once
+    assert not counting.plain  # nothing took the two-call path
+
+
+def test_fused_call_zero_fills_a_row_with_no_keys_and_checks_its_inputs():
+    q, k_pool, v_pool, tables, contexts, lowest, block_size = random_case(2, 2, 2, 64, 4, [9, 5], [0, 0], torch.float32, 0)
+    qkv = torch.randn(2, 1, (4 + 2 * 2) * 64)
+    cos, sin = torch.ones(2, 1, 64), torch.zeros(2, 1, 64)  # position 0: no rotation
+    slots = torch.tensor([0, 1])
+    out = KERNEL.rope_attend(qkv, cos, sin, k_pool, v_pool, slots, tables, contexts, torch.tensor([0, 5]), block_size, 4)
+    assert out[1].abs().max() == 0 and out[0].abs().max() > 0  # row 1 sees no position: zeros, as the plain kernel gives
+    assert torch.equal(k_pool[1], qkv[1, 0, 4 * 64 : 6 * 64].view(2, 64))  # its K/V are written all the same
+    with pytest.raises(ValueError, match="one row of 64 per sequence"):  # a broadcast cos would be read out of bounds
+        KERNEL.rope_attend(qkv, cos[:1], sin[:1], k_pool, v_pool, slots, tables, contexts, lowest, block_size, 4)
+    with pytest.raises(ValueError, match="not one token of 3"):
+        KERNEL.rope_attend(qkv, cos, sin, k_pool, v_pool, slots, tables, contexts, lowest, block_size, 3)
 
 
 def test_engine_decodes_through_the_kernel(tiny_config):
@@ -134,17 +168,12 @@ def test_engine_decodes_through_the_kernel(tiny_config):
     want = [generate(model, p, params) for p in prompts]
     llm = LLM(model, block_size=4, num_kv_blocks=32)
     pool = llm.llm_engine.runner.pool
-    calls = []
-
-    class Counting:
-        def __call__(self, *args):
-            calls.append(args[0].shape[0])
-            return KERNEL(*args)
-
-    pool.decode_kernel = Counting()
+    pool.decode_kernel = counting = Counting(pool.decode_kernel)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
-    # two layers; local and global branches for the hybrid one: three calls per decode step
-    assert len(calls) >= 3 * 9 and max(calls) == 2
+    # the local layer: one fused call a decode step; the hybrid one mixes two branches of one q, so it
+    # keeps the plain kernel, once per branch
+    assert len(counting.fused) >= 9 and max(counting.fused) == 2
+    assert len(counting.plain) >= 2 * len(counting.fused) and max(counting.plain) == 2
 
 
 def test_loading_the_kernel_keeps_subnormal_floats():

@@ -110,6 +110,9 @@ def test_tile_chooser_times_the_candidates_once_and_skips_the_ones_that_fail(mon
     monkeypatch.setattr(triton_int4, "choose_tiles", TileChooser(failing, devices=("cpu",)))
     ref = torch.nn.functional.linear(x, layer.dequantized_weight())
     assert (int4_gptq_matmul(x, *tensors) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # an input that cannot judge (all zeros: every shape agrees) runs the default and decides nothing
+    chooser = TileChooser(lambda fn: 0.0, devices=("cpu",))
+    assert chooser(torch.zeros(1, 512), *tensors) == default_tiles(1) and not chooser.chosen
     # a shape that runs but miscomputes is never chosen, however fast
     monkeypatch.setattr(triton_int4, "_launch", lambda *args: launch(*args) * (1.1 if args[-1].split_k == 2 else 1.0))
     chosen = TileChooser(lambda fn: abs(fn.args[-1].split_k - 2), devices=("cpu",))(x, *tensors)

@@ -5,7 +5,8 @@
 default ``~/.cache/r1kit/kernels``) under a name hashed from the source, the flags, the compiler and
 this CPU's feature flags; it is built in a temporary folder and renamed into place, so a concurrent
 build never loads half a library. A library resolves ``libgomp.so.1`` to the copy torch already
-loaded, so its threads are torch's threads (``torch.set_num_threads``). Callers treat a failed build
+loaded (torch's Linux wheels bring one under that name), so its threads are torch's threads
+(``torch.set_num_threads``). Callers treat a failed build
 (no compiler) as "no kernel" and keep their PyTorch path.
 """
 

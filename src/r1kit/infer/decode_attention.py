@@ -95,6 +95,9 @@ class PagedDecodeKernel:
             raise ValueError(f"paged decode attention: qkv {tuple(qkv.shape)} is not one token of {num_heads} + 2·{hkv} heads of {dim} per sequence")
         if not (qkv.dtype == cos.dtype == sin.dtype == k_pool.dtype) or not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
             raise ValueError("paged decode attention: qkv, cos and sin must be contiguous and in the pools' dtype")
+        if cos.numel() != seqs * dim or sin.numel() != seqs * dim or slots.numel() != seqs or slots.dtype != torch.int64:
+            raise ValueError(f"paged decode attention: cos and sin need one row of {dim} per sequence ({seqs}), slots one int64 each; "
+                             f"got {tuple(cos.shape)}, {tuple(sin.shape)}, {tuple(slots.shape)} {slots.dtype}")
         out = torch.empty(seqs, 1, num_heads * dim, dtype=qkv.dtype)
         status = self._fused[k_pool.dtype](
             qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), slots.data_ptr(), out.data_ptr(),

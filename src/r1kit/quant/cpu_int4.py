@@ -92,8 +92,10 @@ class Int4CpuKernel:
         out = torch.empty(*x.shape[:-1], packed.out_features, dtype=x.dtype)
         if rows == 0:
             return out
-        if bias is not None and bias.dtype != torch.float32:
-            bias = bias.float()
+        if bias is not None:
+            if bias.numel() != packed.out_features or bias.device.type != "cpu":
+                raise ValueError(f"int4 CPU kernel: bias must be {packed.out_features} values on the CPU, got {tuple(bias.shape)} on {bias.device}")
+            bias = bias.to(torch.float32).contiguous()
         status = fn(
             x.data_ptr(), rows, packed.in_features, packed.out_features, packed.weight.data_ptr(), packed.scale_zero.data_ptr(),
             packed.group, 0 if packed.order is None else packed.order.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),

@@ -37,7 +37,8 @@ KERNEL_GROUPS = (256, 128, 64, 32)
 BACKENDS = ("auto", "kernel", "triton", "dequant")
 
 
-def cpu_kernel_available() -> bool:
+def torch_kernel_available() -> bool:
+    """Whether this torch has its own int4 CPU kernel (torch >= 2.6)."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
@@ -132,8 +133,8 @@ class Int4Linear(nn.Module):
         self._kernel = (key, self._build_kernel_state(device))
         return self._kernel[1]
 
-    def _build_kernel_state(self, device: torch.device) -> tuple | None:
-        if device.type != "cpu" or not cpu_kernel_available():
+    def _build_kernel_state(self, device: torch.device):
+        if device.type != "cpu":
             return None
         inputs = self.kernel_inputs()
         return None if inputs is None else pack_for_kernel(*inputs)
@@ -187,6 +188,12 @@ class Int4Linear(nn.Module):
         return "kernel" if self.kernel_applies(device) else "dequant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            # the kernels have no backward (their outputs would silently carry no gradient): the
+            # dequantize path's F.linear does, for training through a quantized model (e.g. adapters)
+            if self.backend in ("kernel", "triton"):
+                raise RuntimeError(f"backend={self.backend!r} has no backward; use backend='auto' or 'dequant' to train through {self.extra_repr()}")
+            return self.forward_dequant(x)
         if self._frozen is not None:
             return int4_matmul(x, self._frozen, self.out_features, self.bias)
         backend = self.resolved_backend(x.device, x.dtype)
@@ -230,10 +237,12 @@ class Int4Linear(nn.Module):
 def pack_for_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: torch.Tensor | None, kgroup: int):
     """The CPU kernel's state from :meth:`Int4Linear.kernel_inputs`: r1kit's own kernel's layout
     (:class:`~r1kit.quant.cpu_int4.PackedInt4`) where it is built for this CPU and the shape fits,
-    else torch's (packed weight, scales-and-zeros, order, group)."""
+    else torch's (packed weight, scales-and-zeros, order, group); None where neither kernel is had."""
     native = cpu_int4.load()
     if native is not None and cpu_int4.fits(*codes.shape, kgroup):
         return cpu_int4.pack(codes, scales, zeros, order, kgroup)
+    if not torch_kernel_available():
+        return None
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
     scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
     return packed, scale_zero, order, kgroup
@@ -268,27 +277,31 @@ class FusedInt4Linear(nn.Module):
     (the GPTQ checkpoint's tensors) does not change. ``split_sizes`` cuts the output into the parts.
     """
 
-    def __init__(self, parts: list[Int4Linear], inputs: list[tuple]) -> None:
+    def __init__(self, parts: list[Int4Linear], state) -> None:
         super().__init__()
-        codes, scales, zeros = (torch.cat([i[k] for i in inputs], dim=1) for k in range(3))
-        self.state = pack_for_kernel(codes, scales, zeros, None, inputs[0][4])
+        self.state = state
         has_bias = [p.bias is not None for p in parts]
-        self.bias = torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]) if any(has_bias) else None
+        # float32 once here: the native kernel adds a float32 bias (a bf16 model's would be cast per call)
+        self.bias = torch.cat([p.bias.float() if p.bias is not None else torch.zeros(p.out_features) for p in parts]) if any(has_bias) else None
         self.split_sizes = [p.out_features for p in parts]
         self.in_features, self.out_features = parts[0].in_features, sum(self.split_sizes)
 
     @classmethod
     def fuse(cls, parts: list) -> FusedInt4Linear | None:
         """The fused layer, or None where the parts cannot share one kernel call (not all int4 on the
-        CPU kernel, act-order permutations, different kernel groups)."""
-        if not cpu_kernel_available() or not all(isinstance(p, Int4Linear) and p.backend == "auto" and p.qweight.device.type == "cpu" for p in parts):
+        CPU, act-order permutations, different kernel groups, no CPU kernel for the whole)."""
+        if not all(isinstance(p, Int4Linear) and p.backend == "auto" and p.qweight.device.type == "cpu" for p in parts):
             return None
         inputs = [p.kernel_inputs() for p in parts]
         if any(i is None or i[3] is not None for i in inputs) or len({i[4] for i in inputs}) != 1:
             return None
-        return cls(parts, inputs)
+        codes, scales, zeros = (torch.cat([i[k] for i in inputs], dim=1) for k in range(3))
+        state = pack_for_kernel(codes, scales, zeros, None, inputs[0][4])
+        return None if state is None else cls(parts, state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise RuntimeError("FusedInt4Linear is for inference (the engine's); train through the Int4Linear parts")
         return int4_matmul(x, self.state, self.out_features, self.bias)
 
     def extra_repr(self) -> str:

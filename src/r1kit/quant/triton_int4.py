@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -210,18 +211,30 @@ class TileChooser:
         if x2.device.type not in self.devices:
             return default_tiles(M)
         key = (x2.device, M == 1, N, K, x2.dtype, group_k)
-        if key not in self.chosen:
-            self.chosen[key] = self._choose(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, key)
-        return self.chosen[key]
+        if key in self.chosen:
+            return self.chosen[key]
+        tiles, judged = self._choose(x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, key)
+        if judged:
+            self.chosen[key] = tiles
+        return tiles
 
-    def _choose(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, key) -> Tiles | None:
-        want = x2.float() @ packing.dequantize(qweight, qzeros, scales, g_idx, 4, zero_offset).T
-        bound = CHECK_RTOL[x2.dtype] * float(want.abs().max()) + 1e-6
+    def _choose(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, key) -> tuple[Tiles | None, bool]:
+        """(the fastest correct shape or None, whether this input could judge: zeros or non-finite
+        values cannot, and then the default runs this once and a later input decides)."""
+        # the reference on up to 256 columns spread over N, in float64 (a float32 product may run as
+        # TF32 on the GPU, which is less exact than the kernel it would judge)
+        columns = torch.linspace(0, qweight.shape[1] - 1, min(256, qweight.shape[1]), device=x2.device).long().unique()
+        weight = packing.dequantize(qweight, qzeros, scales, g_idx, 4, zero_offset)[columns]
+        want = x2.double() @ weight.double().T
+        scale = float(want.abs().max())
+        if not math.isfinite(scale) or scale == 0:
+            return default_tiles(x2.shape[0]), False
+        bound = CHECK_RTOL[x2.dtype] * scale
         timed, failures = [], []
         for t in candidate_tiles(*x2.shape) or [default_tiles(x2.shape[0])]:
             launch = functools.partial(_launch, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t)
             try:  # a shape this GPU cannot run (e.g. out of shared memory) is not a candidate
-                error = float((launch().float() - want).abs().max())
+                error = float((launch()[:, columns].double() - want).abs().max())
                 if not error <= bound:
                     raise RuntimeError(f"disagrees with the dequantize reference: max |Δ| {error:.2e}, bound {bound:.2e}")
                 timed.append((self.timer(launch), t))
@@ -229,8 +242,8 @@ class TileChooser:
                 failures.append(f"{t}: {exc!r}")
         if not timed:
             log.warning("no int4 launch shape runs correctly for %s; dequantizing instead (%s)", key, "; ".join(failures)[:2000])
-            return None
-        return min(timed, key=lambda pair: pair[0])[1]
+            return None, True
+        return min(timed, key=lambda pair: pair[0])[1], True
 
 
 choose_tiles = TileChooser()  # one per process, like Triton's autotuning cache
@@ -277,12 +290,15 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> None:
         if act_order:
             g_idx = g_idx[torch.randperm(K, generator=g)]
         t = {k: v.to(device) for k, v in packing.pack_gptq(codes, zeros, scales, g_idx, 4).items()}
-        weight = packing.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4)  # [N, K] float32
+        weight = packing.dequantize(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4).double()  # [N, K]
         for rows in (1, 5, SMALL_M + 4):
             x = torch.randn(rows, K, generator=g).to(device, dtype)
-            want = x.float() @ weight.T
-            out = int4_gptq_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 1, 0 if act_order else group).float()
-            error = float((out - want).abs().max() / want.abs().max())
+            want = x.double() @ weight.T
+            # the default launch shape itself: through the tile chooser, a wrong kernel would be
+            # replaced by the dequantize path and pass
+            tiles = default_tiles(rows) if rows <= SMALL_M else None
+            out = int4_gptq_matmul(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 1, 0 if act_order else group, tiles)
+            error = float((out.double() - want).abs().max() / want.abs().max())
             if not error <= CHECK_RTOL[dtype]:
                 raise RuntimeError(f"int4 self-check mismatch ({rows} rows, act_order={act_order}, {dtype}): max |Δ| {error:.2e} of max |output|")
 

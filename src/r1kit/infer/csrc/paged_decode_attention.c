@@ -129,38 +129,49 @@ DEFINE_ATTEND(attend_bf16, task_bf16, uint16_t)
 DEFINE_KERNEL(paged_decode_attention_f32, attend_f32, float)
 DEFINE_KERNEL(paged_decode_attention_bf16, attend_bf16, uint16_t)
 
-/* rope(x)[d] = x[d]·cos[d] + x[d ± D/2]·sin[d], each product and the sum rounded to the element type
- * as PyTorch's `x * cos + x.roll(D/2) * sin` rounds them. */
-#define ROPE(LOAD, ROUND, x, c, sn, d, half) \
-    ROUND(ROUND(LOAD(x, d) * LOAD(c, d)) + ROUND(LOAD(x, (d) < (half) ? (d) + (half) : (d) - (half)) * LOAD(sn, d)))
+/* rope(x)[d] = x[d]·cos[d] + x[d ± D/2]·sin[d] into float, each product and the sum rounded to the
+ * element type as PyTorch's `x * cos + x.roll(D/2) * sin` rounds them, and with no fused multiply-add
+ * (-ffast-math would contract one here), so float32 K/V match the two-call path bit for bit too. */
+#define DEFINE_ROPE(NAME, T, LOAD, ROUND)                                                               \
+static __attribute__((noinline, optimize("fp-contract=off"))) void NAME(const T *x, const T *c, const T *sn,\
+                                                                      int64_t dim, float *out) {        \
+    const int64_t half = dim / 2;                                                                       \
+    for (int64_t d = 0; d < dim; ++d) {                                                                 \
+        const int64_t o = d < half ? d + half : d - half;                                               \
+        const float a = ROUND(LOAD(x, d) * LOAD(c, d)), b = ROUND(LOAD(x, o) * LOAD(sn, d));            \
+        out[d] = ROUND(a + b);                                                                          \
+    }                                                                                                   \
+}
 
-#define DEFINE_FUSED(NAME, ATTEND, T, LOAD, ROUND, STORE)                                                  \
+DEFINE_ROPE(rope_f32, float, load_f32, round_f32)
+DEFINE_ROPE(rope_bf16, uint16_t, load_bf16, round_bf16)
+
+#define DEFINE_FUSED(NAME, ATTEND, ROPE, T, STORE)                                                  \
 int NAME(const T *qkv, const T *cos, const T *sin, T *k_pool, T *v_pool, const int64_t *slots, T *out,   \
          const int64_t *tables, int64_t table_width, const int64_t *contexts, const int64_t *lowest,    \
          int64_t num_seqs, int64_t hq, int64_t hkv, int64_t dim, int64_t block_size, float scale) {     \
-    const int64_t group = hq / hkv, half = dim / 2, width = (hq + 2 * hkv) * dim;                      \
+    const int64_t group = hq / hkv, width = (hq + 2 * hkv) * dim;                                       \
     if (group > MAX_GROUP || group * hkv != hq || dim % 2) return 1;                                    \
     int failed = 0;                                                                                     \
     _Pragma("omp parallel")                                                                             \
     {                                                                                                   \
         float *scores = NULL;                                                                           \
         int64_t capacity = 0;                                                                           \
-        float *qs = (float *)malloc(sizeof(float) * group * dim), *os = (float *)malloc(sizeof(float) * group * dim); \
+        float *qs = (float *)malloc(sizeof(float) * group * dim), *os = (float *)malloc(sizeof(float) * group * dim);\
+        float *kr = (float *)malloc(sizeof(float) * dim);                                               \
         _Pragma("omp for schedule(dynamic, 1)")                                                         \
         for (int64_t task = 0; task < num_seqs * hkv; ++task) {                                         \
-            if (qs == NULL || os == NULL) { failed = 1; continue; }                                     \
+            if (qs == NULL || os == NULL || kr == NULL) { failed = 1; continue; }                       \
             const int64_t s = task / hkv, h = task % hkv;                                               \
             const T *row = qkv + s * width, *c = cos + s * dim, *sn = sin + s * dim;                    \
             const T *kin = row + (hq + h) * dim, *vin = row + (hq + hkv + h) * dim;                     \
             T *kout = k_pool + (slots[s] * hkv + h) * dim, *vout = v_pool + (slots[s] * hkv + h) * dim; \
+            ROPE(kin, c, sn, dim, kr);                                                                  \
             for (int64_t d = 0; d < dim; ++d) {                                                         \
-                kout[d] = STORE(ROPE(LOAD, ROUND, kin, c, sn, d, half));                                \
+                kout[d] = STORE(kr[d]);                                                                 \
                 vout[d] = vin[d];                                                                       \
             }                                                                                           \
-            for (int64_t g = 0; g < group; ++g) {                                                       \
-                const T *qin = row + (h * group + g) * dim;                                             \
-                for (int64_t d = 0; d < dim; ++d) qs[g * dim + d] = ROPE(LOAD, ROUND, qin, c, sn, d, half);\
-            }                                                                                           \
+            for (int64_t g = 0; g < group; ++g) ROPE(row + (h * group + g) * dim, c, sn, dim, qs + g * dim);\
             const int64_t lo = lowest[s], n = contexts[s] - lo;                                         \
             T *dst = out + (s * hq + h * group) * dim;                                                  \
             if (n <= 0) { memset(dst, 0, sizeof(T) * group * dim); continue; }                          \
@@ -171,9 +182,10 @@ int NAME(const T *qkv, const T *cos, const T *sin, T *k_pool, T *v_pool, const i
         free(scores);                                                                                   \
         free(qs);                                                                                       \
         free(os);                                                                                       \
+        free(kr);                                                                                       \
     }                                                                                                   \
     return failed ? 2 : 0;                                                                              \
 }
 
-DEFINE_FUSED(paged_decode_rope_attention_f32, attend_f32, float, load_f32, round_f32, store_f32)
-DEFINE_FUSED(paged_decode_rope_attention_bf16, attend_bf16, uint16_t, load_bf16, round_bf16, to_bf16)
+DEFINE_FUSED(paged_decode_rope_attention_f32, attend_f32, rope_f32, float, store_f32)
+DEFINE_FUSED(paged_decode_rope_attention_bf16, attend_bf16, rope_bf16, uint16_t, to_bf16)
