@@ -185,6 +185,22 @@ CORRUPT = {
 }
 
 
+def test_a_float16_checkpoint_runs_on_the_cpu_engine_as_bfloat16(tmp_path):
+    """Most GPTQ checkpoints from other tools say float16: the engine on the CPU runs them as bfloat16
+    (r1kit's CPU kernels, as vLLM's CPU backend), with the int4 layers on the int4 kernel."""
+    from r1kit import LLM
+    from r1kit.quant.int4_linear import FusedInt4Linear
+
+    write_third_party(tmp_path, act_order=False, in_config_json=True)
+    model = load_model(tmp_path)
+    assert model.dtype == torch.float16  # loading keeps the checkpoint's dtype
+    want = generate(load_model(tmp_path, dtype=torch.bfloat16), [5, 17, 42], GREEDY)
+    llm = LLM(model, max_num_seqs=1, num_kv_blocks=16)
+    assert model.dtype == torch.bfloat16 and llm.llm_engine.model is model
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, FusedInt4Linear)
+    assert llm.generate([[5, 17, 42]], GREEDY)[0].outputs[0].token_ids == want
+
+
 @pytest.mark.parametrize("case", list(CORRUPT))
 def test_corrupt_or_mismatched_checkpoint_gives_clear_error(quantized_dir, tmp_path, case):
     path = _copy(quantized_dir[0], tmp_path)

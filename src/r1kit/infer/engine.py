@@ -11,6 +11,7 @@ The engine owns the cache; the model only sees a cache view per forward.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from r1kit.infer.sampling import SamplingParams
 from r1kit.infer.scheduler import Scheduler
 from r1kit.infer.weight_packing import pack_linears
 from r1kit.infer.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def free_memory(device: torch.device) -> int:
 
 class LLMEngine:
     """The engine owns its model: on CPU it packs the model's linear layers in place
-    (``EngineConfig.pack_weights``), so the model is for inference from then on."""
+    (``EngineConfig.pack_weights``), so the model is for inference from then on; a float16 model on
+    the CPU is cast to bfloat16 in place first."""
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, think_token_ids: tuple[int, int] | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -82,6 +86,12 @@ class LLMEngine:
         if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_global == "compressed":
             raise ConfigError("the engine does not support hybrid_global=compressed (no batched mask path); use hybrid_global=full or r1kit's reference generate")
         self.model = model.eval()
+        if model.device.type == "cpu" and model.dtype == torch.float16:
+            # as vLLM's CPU backend does: most CPUs have no fast float16 matmul, and the CPU kernels
+            # (oneDNN packing, int4, decode attention) take float32 or bfloat16; most GPTQ checkpoints
+            # from other tools say float16. bfloat16: the same size, float32's range.
+            log.warning("a float16 model on the CPU runs as bfloat16 (cast it to float32 first to run that instead)")
+            model.to(torch.bfloat16)
         if config.pack_weights:
             pack_linears(model)
         self.tokenizer = tokenizer

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080, the seed's)")
     parser.add_argument("--served-model-name", help="the model id clients send (default: the directory name)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on the API routes")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="weights dtype (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="weights dtype (default: the checkpoint's; float16 runs as bfloat16 in the engine on the CPU)")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together (default 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step (default 2048)")
