@@ -20,6 +20,7 @@ import torch
 from r1kit.errors import ConfigError
 from r1kit.infer.block_manager import BlockManager
 from r1kit.infer.model_runner import ModelRunner
+from r1kit.infer.native_norm import use_native_norms
 from r1kit.infer.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from r1kit.infer.paged_cache import bytes_per_block
 from r1kit.infer.processor import Processor, Prompt
@@ -42,7 +43,9 @@ class EngineConfig:
     kv_cache_fraction: float = 0.2
     num_kv_blocks: int | None = None  # exact pool size (overrides the memory budget)
     enable_prefix_caching: bool = True
-    pack_weights: bool = True  # CPU: linear weights re-laid-out for oneDNN (r1kit.infer.weight_packing), in place
+    # CPU, in place: linear weights re-laid-out for oneDNN (r1kit.infer.weight_packing), RMSNorms in one
+    # C call each (r1kit.infer.native_norm)
+    pack_weights: bool = True
     # decode attention reads the paged pool in place: on the CPU a C kernel built on first use
     # (r1kit.infer.decode_attention), on CUDA a Triton one (r1kit.infer.triton_decode_attention); where
     # neither can run, decodes gather K/V out of the pool as prefills do
@@ -76,9 +79,9 @@ def free_memory(device: torch.device) -> int:
 
 
 class LLMEngine:
-    """The engine owns its model: on CPU it packs the model's linear layers in place
-    (``EngineConfig.pack_weights``), so the model is for inference from then on; a float16 model on
-    the CPU is cast to bfloat16 in place first."""
+    """The engine owns its model: on CPU it packs the model's linear layers and swaps its RMSNorms
+    for one-call ones in place (``EngineConfig.pack_weights``), so the model is for inference from
+    then on; a float16 model on the CPU is cast to bfloat16 in place first."""
 
     def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, think_token_ids: tuple[int, int] | None = None) -> None:
         self.config = config = config or EngineConfig()
@@ -94,6 +97,7 @@ class LLMEngine:
             model.to(torch.bfloat16)
         if config.pack_weights:
             pack_linears(model)
+            use_native_norms(model)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_seq_len
         if self.max_model_len > mc.max_seq_len:

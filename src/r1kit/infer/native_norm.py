@@ -1,0 +1,93 @@
+"""RMSNorm in one C call for CPU inference (``csrc/rms_norm.c``, built on first use by :mod:`r1kit.native`).
+
+PyTorch's CPU ``rms_norm`` is a composite of about ten operations; at decode a row is one token, so
+their dispatch is the whole cost: ~14 µs a call, 25 calls a step on a 12-layer model, about a
+seventh of an int4 decode step (``benchmarks/bench_quant.py``). :func:`use_native_norms` swaps a
+model's :class:`~r1kit.model.transformer.RMSNorm` layers for :class:`NativeRMSNorm` in place (the
+engine does, with its weight packing); the weights stay the same parameters under the same names.
+Where nothing can be built, the model keeps PyTorch's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from r1kit import native
+from r1kit.model.transformer import RMSNorm
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "rms_norm.c"
+FUNCTIONS = {torch.float32: "rms_norm_f32", torch.bfloat16: "rms_norm_bf16"}
+
+
+class RMSNormKernel:
+    """The loaded library: :meth:`__call__` normalises the rows of a contiguous CPU tensor."""
+
+    def __init__(self, library: Path) -> None:
+        lib = ctypes.CDLL(str(library))
+        self._fns = {}
+        for dtype, name in FUNCTIONS.items():
+            fn = getattr(lib, name)
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+            fn.restype = None
+            self._fns[dtype] = fn
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """``x`` [..., D] and ``weight`` [D], both float32 or both bfloat16, on the CPU."""
+        fn = self._fns.get(x.dtype)
+        if fn is None or x.dtype != weight.dtype or not (x.is_cpu and weight.is_cpu) or weight.shape != x.shape[-1:]:
+            raise ValueError(f"native rms_norm: x {x.dtype} {tuple(x.shape)} on {x.device} and weight {weight.dtype} {tuple(weight.shape)} "
+                             "must be float32 or bfloat16 CPU tensors of one dtype, the weight one value per feature")
+        x, weight = x.contiguous(), weight.contiguous()
+        out = torch.empty_like(x)
+        fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+        return out
+
+
+@functools.cache
+def load() -> RMSNormKernel | None:
+    """The kernel, built once per process (and once per machine, cached on disk); None where it cannot be built."""
+    try:
+        return RMSNormKernel(native.build(SOURCE))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("native rms_norm unavailable, PyTorch's is used: %s", str(detail).strip()[:500])
+        return None
+
+
+class NativeRMSNorm(RMSNorm):
+    """:class:`~r1kit.model.transformer.RMSNorm` through the C kernel for inference on the CPU;
+    anything else (a gradient to keep, another device or dtype) goes PyTorch's way."""
+
+    def __init__(self, norm: RMSNorm, kernel: RMSNormKernel) -> None:
+        super().__init__(norm.weight.shape[0], norm.eps)
+        self.weight = norm.weight
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # checked in this order because a decode step calls this 25 times: each test costs
+        if x.dtype is self.weight.dtype and x.is_cpu and x.dtype in FUNCTIONS and not (x.requires_grad and torch.is_grad_enabled()):
+            return self.kernel(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def use_native_norms(model: nn.Module) -> int:
+    """Swap ``model``'s CPU RMSNorm layers for :class:`NativeRMSNorm` in place; how many it swapped."""
+    kernel = load()
+    if kernel is None:
+        return 0
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is RMSNorm and child.weight.device.type == "cpu":
+                setattr(module, name, NativeRMSNorm(child, kernel))
+                swapped += 1
+    return swapped
