@@ -2,8 +2,8 @@
 
 ``$CC`` (default ``gcc``) compiles a C file with ``-O3 -march=native -ffast-math -fopenmp``
 (fast-math at compile time only, see ``COMPILE_FLAGS``) into a cache folder (``$R1KIT_KERNEL_CACHE``,
-default ``~/.cache/r1kit/kernels``) under a name hashed from the source, the flags, the compiler and
-this CPU's feature flags; it is built in a temporary folder and renamed into place, so a concurrent
+default ``~/.cache/r1kit/kernels``) under a name hashed from the source, the shared headers
+(``csrc/*.h``), the flags, the compiler and this CPU's feature flags; it is built in a temporary folder and renamed into place, so a concurrent
 build never loads half a library. A library resolves ``libgomp.so.1`` to the copy torch already
 loaded (torch's Linux wheels bring one under that name), so its threads are torch's threads
 (``torch.set_num_threads``). Callers treat a failed build
@@ -23,6 +23,7 @@ from pathlib import Path
 # it, gcc adds crtfastmath.o, which flushes subnormals to zero for the whole process at load
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-funroll-loops", "-fopenmp", "-fPIC", "-std=c11")
 LINK_FLAGS = ("-shared", "-fopenmp")
+INCLUDE = Path(__file__).parent / "csrc"  # headers the kernels share (bf16.h); part of every build's hash
 
 
 def cpu_flags() -> str:
@@ -52,8 +53,10 @@ def build(source: Path, cache: Path | None = None) -> Path:
     """Compile ``source`` into a shared library (or find it already built); the library's path.
     Raises OSError or subprocess.SubprocessError where it cannot be built."""
     compiler = os.environ.get("CC", "gcc")
-    flags = " ".join(COMPILE_FLAGS + LINK_FLAGS).encode()
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), flags, compiler.encode(), platform.machine().encode(), cpu_flags().encode()]))
+    compile_flags = (*COMPILE_FLAGS, f"-I{INCLUDE}")
+    flags = " ".join(compile_flags + LINK_FLAGS).encode()
+    headers = [h.read_bytes() for h in sorted(INCLUDE.glob("*.h"))]
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, flags, compiler.encode(), platform.machine().encode(), cpu_flags().encode()]))
     folder = cache or cache_dir()
     target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -61,7 +64,7 @@ def build(source: Path, cache: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
-        for args in ([*COMPILE_FLAGS, "-c", str(source), "-o", str(obj)], [*LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
+        for args in ([*compile_flags, "-c", str(source), "-o", str(obj)], [*LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
             subprocess.run([compiler, *args], check=True, capture_output=True, text=True, timeout=120)
         os.replace(lib, target)
     return target

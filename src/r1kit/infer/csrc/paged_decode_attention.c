@@ -18,24 +18,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_GROUP 64
 
 static inline float load_f32(const float *p, int64_t i) { return p[i]; }
-static inline float load_bf16(const uint16_t *p, int64_t i) {
-    uint32_t bits = (uint32_t)p[i] << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_value(p[i]); }
 static inline float round_f32(float f) { return f; }
-static inline uint16_t to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-static inline float round_bf16(float f) { uint16_t h = to_bf16(f); return load_bf16(&h, 0); }
+static inline uint16_t to_bf16(float f) { return bf16_round(f); }
+static inline float round_bf16(float f) { return bf16_value(bf16_round(f)); }
 static inline float store_f32(float f) { return f; }
 
 #define DEFINE_TASK(NAME, KV_T, LOAD)                                                                     \

@@ -8,24 +8,10 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"
 
 #define PARALLEL_ELEMENTS (1 << 16)
-
-static inline float bf16_value(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t bf16_round(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 static inline void row_f32(const float *x, const float *w, float *y, int64_t dim, float eps) {
     float squares = 0.0f;

@@ -20,6 +20,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define R1KIT_HAVE_KERNEL 1
@@ -30,21 +32,6 @@
 #define ROWS 4  /* rows per pass over a tile */
 
 int int4_matmul_available(void) { return R1KIT_HAVE_KERNEL; }
-
-static inline uint16_t bf16_round(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float bf16_value(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 #if R1KIT_HAVE_KERNEL
 /* One tile (32 columns) for `rows` rows (1..ROWS): res[r][0..31] = Σ_g scale · (Σ_k x·q − zero · Σ_k x). */
