@@ -154,3 +154,16 @@ def test_masked_batch_path_equals_single_sequences(tiny_config, attention, ffn):
             alone = model(torch.cat((s, nxt[row]))[None], window=4)
             torch.testing.assert_close(prefill[row, p:], alone[0, :-1], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(step[row, 0], alone[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_cast_model_keeps_its_rotary_frequencies_in_float32(tiny_config):
+    """`.to(bfloat16)` would round the frequencies (up to 0.4%), and the angles built from them drift
+    further at every position; they stay float32, bit for bit, through casts and back."""
+    model = R1kitForCausalLM(tiny_config())
+    inv_freq = model.rotary.inv_freq.clone()
+    positions = torch.tensor([5, 999, 4000])
+    cos, _ = model.rotary(positions, torch.float32)
+    model.to(torch.bfloat16).half().float().bfloat16()
+    assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, inv_freq)
+    assert torch.equal(model.rotary(positions, torch.bfloat16)[0], cos.to(torch.bfloat16))
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -194,9 +194,14 @@ def test_a_float16_checkpoint_runs_on_the_cpu_engine_as_bfloat16(tmp_path):
     write_third_party(tmp_path, act_order=False, in_config_json=True)
     model = load_model(tmp_path)
     assert model.dtype == torch.float16  # loading keeps the checkpoint's dtype
+    scales = {name: m.scales.clone() for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    inv_freq = model.rotary.inv_freq.clone()
     want = generate(load_model(tmp_path, dtype=torch.bfloat16), [5, 17, 42], GREEDY)
     llm = LLM(model, max_num_seqs=1, num_kv_blocks=16)
     assert model.dtype == torch.bfloat16 and llm.llm_engine.model is model
+    # the cast rounds neither the checkpoint's scales nor the rotary frequencies through bfloat16
+    assert all(torch.equal(model.get_submodule(name).scales, s) for name, s in scales.items())
+    assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, inv_freq)
     assert isinstance(model.model.layers[0].mlp.gate_up_proj, FusedInt4Linear)
     assert llm.generate([[5, 17, 42]], GREEDY)[0].outputs[0].token_ids == want
 

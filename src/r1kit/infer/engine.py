@@ -93,7 +93,7 @@ class LLMEngine:
             # as vLLM's CPU backend does: most CPUs have no fast float16 matmul, and the CPU kernels
             # (oneDNN packing, int4, decode attention) take float32 or bfloat16; most GPTQ checkpoints
             # from other tools say float16. bfloat16: the same size, float32's range.
-            log.warning("a float16 model on the CPU runs as bfloat16 (cast it to float32 first to run that instead)")
+            log.warning("a float16 model on the CPU runs as bfloat16 (load it as float32, e.g. --dtype float32, to run that instead)")
             model.to(torch.bfloat16)
         if config.pack_weights:
             pack_linears(model)

@@ -224,12 +224,17 @@ class Int4Linear(nn.Module):
         return int4_matmul(x, state, self.out_features, self.bias)
 
     def _apply(self, fn, recurse=True):
-        # A device or dtype move invalidates the kernel's copies; scales stay float16 (the checkpoint's
-        # precision) whatever dtype the model is cast to, so .to(bfloat16) loses nothing.
+        # A device or dtype move invalidates the kernel's copies. Scales keep their float16 bits (the
+        # checkpoint's) whatever dtype the model is cast to: seen as integers for the cast, a model
+        # .to(bfloat16) moves them without rounding them through bfloat16.
         self._kernel = self._frozen = None
-        super()._apply(fn, recurse)
-        if self.scales.dtype != torch.float16:
-            self.scales = self.scales.to(torch.float16)
+        half = self.scales.dtype == torch.float16
+        if half:
+            self.scales = self.scales.view(torch.int16)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self.scales = self.scales.view(torch.float16) if half else self.scales.to(torch.float16)
         return self
 
 

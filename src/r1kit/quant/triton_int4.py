@@ -221,15 +221,18 @@ class TileChooser:
     def _choose(self, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, key) -> tuple[Tiles | None, bool]:
         """(the fastest correct shape or None, whether this input could judge: zeros or non-finite
         values cannot, and then the default runs this once and a later input decides)."""
-        # the reference on up to 256 columns spread over N, in float64 (a float32 product may run as
-        # TF32 on the GPU, which is less exact than the kernel it would judge)
-        columns = torch.linspace(0, qweight.shape[1] - 1, min(256, qweight.shape[1]), device=x2.device).long().unique()
-        weight = packing.dequantize(qweight, qzeros, scales, g_idx, 4, zero_offset)[columns]
+        # the reference on up to 32 blocks of 8 columns (one qzeros word each) spread over N, in
+        # float64 (a float32 product may run as TF32 on the GPU, less exact than the kernel it would
+        # judge); only those columns are dequantized, so a large layer costs no large buffer
+        words = qzeros.shape[1]
+        blocks = torch.linspace(0, words - 1, min(32, words), device=x2.device).long().unique()
+        columns = (blocks[:, None] * 8 + torch.arange(8, device=x2.device)).flatten()
+        weight = packing.dequantize(qweight[:, columns], qzeros[:, blocks], scales[:, columns], g_idx, 4, zero_offset)
         want = x2.double() @ weight.double().T
         scale = float(want.abs().max())
         if not math.isfinite(scale) or scale == 0:
             return default_tiles(x2.shape[0]), False
-        bound = CHECK_RTOL[x2.dtype] * scale
+        bound = CHECK_RTOL.get(x2.dtype, CHECK_RTOL[torch.float32]) * scale
         timed, failures = [], []
         for t in candidate_tiles(*x2.shape) or [default_tiles(x2.shape[0])]:
             launch = functools.partial(_launch, x2, qweight, qzeros, scales, g_idx, zero_offset, group_k, t)

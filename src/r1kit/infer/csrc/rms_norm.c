@@ -1,7 +1,8 @@
 /* RMSNorm over the last dimension in one call (see r1kit/infer/native_norm.py).
  *
  * PyTorch's CPU rms_norm is a composite of about ten operations; at decode, where a row is one
- * token's hidden state, their dispatch is the whole cost. This is the same arithmetic in one pass:
+ * token's hidden state, their dispatch is the whole cost. This is the same formula in one pass
+ * (to within a float32 rounding step: -ffast-math's reciprocal square root and sum order):
  * float32: y = x · rsqrt(mean(x²) + eps) · w. bfloat16, as the model's RMSNorm computes it:
  * normed = bf16(x · rsqrt(mean(x²) + eps)) in float32, then y = bf16(w · normed).
  * Rows go to OpenMP threads only when there are enough of them to pay for waking the threads.
