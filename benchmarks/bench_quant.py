@@ -13,14 +13,16 @@ Two models, both built here (no download):
   the model (lm_head, activations) in bf16, in the same run, with ratios, and
   as gpt-fast does, the achieved weight-read bandwidth (bytes of weights per token × tokens/s);
   then the same four on the engine, which packs float weights for oneDNN (about twice the
-  reference loop's fp32 speed), fuses the int4 q/k/v and gate/up calls and freezes the int4 layers.
+  reference loop's fp32 speed), fuses the int4 q/k/v and gate/up calls and freezes the int4 layers,
+  and fp32 against int4 there at ``--engine-batches`` concurrent requests; then r1kit's int4 CPU
+  kernel against torch's on the speed model's products (and 4096×4096), weights streamed from memory.
 
 Sizes: the seed's "12.5%" is 4/32 bits, relative to fp32 *linear weights*; fp16 group scales,
 packed zeros and g_idx add to it, and the embeddings and ``lm_head`` stay float. Both the
 linear-only ratio and the whole-checkpoint ratio are printed.
 
 Usage: python benchmarks/bench_quant.py [--steps 300] [--nsamples 128] [--group-sizes 128,-1] [--threads 1,2]
-       [--speed-hidden 768 --speed-layers 12 --decode-tokens 32] [--skip-quality] [--skip-speed]
+       [--speed-hidden 768 --speed-layers 12 --decode-tokens 32] [--engine-batches 8,16] [--skip-quality] [--skip-speed]
 """
 
 from __future__ import annotations
@@ -219,15 +221,49 @@ def decode_rate(model, prompt: list[int], tokens: int, repeats: int) -> float:
     return tokens / best
 
 
-def engine_rate(model, prompt_tokens: int, tokens: int, repeats: int) -> float:
-    """Decode tokens/s of one request on the engine (which packs ``model`` in place: pass a copy)."""
+def engine_rate(model, prompt_tokens: int, tokens: int, repeats: int, batch: int = 1) -> float:
+    """Decode tokens/s of ``batch`` concurrent requests on the engine (which packs ``model`` in place: pass a copy)."""
     from r1kit.infer.bench_cli import random_prompts, time_engine
     from r1kit.infer.llm import LLM
 
-    llm = LLM(model, max_num_seqs=1, max_model_len=prompt_tokens + tokens + 1)
-    prompt = random_prompts(1, prompt_tokens, model.config.vocab_size, 0)
-    time_engine(llm, prompt, 2)  # warm-up
-    return max(time_engine(llm, prompt, tokens)["decode_tps"] for _ in range(repeats))
+    llm = LLM(model, max_num_seqs=batch, max_model_len=prompt_tokens + tokens + 1)
+    prompts = random_prompts(batch, prompt_tokens, model.config.vocab_size, 0)
+    time_engine(llm, prompts, 2)  # warm-up
+    return max(time_engine(llm, prompts, tokens)["decode_tps"] for _ in range(repeats))
+
+
+def bench_kernels(shapes: list[tuple[int, int]], rows: list[int], group: int, repeats: int) -> None:
+    """r1kit's int4 CPU kernel against torch's on the same products, weights streamed from memory:
+    each product cycles through copies of its weight adding up to 400 MB, so none is in cache."""
+    from r1kit.quant import cpu_int4
+    from r1kit.quant.int4_linear import int4_matmul, pack_for_torch_kernel
+
+    if cpu_int4.load() is None:
+        print("\nr1kit's int4 CPU kernel is not built here (no AVX512-BF16 or no C compiler): torch's serves, nothing to compare")
+        return
+    print(f"\nint4 kernels, one product, weights from memory (µs, best of {repeats} × 100 calls; float32 activations in and out)")
+    print(f"{'in x out':<12}{'rows':>5}{'torch':>9}{'r1kit':>9}{'ratio':>8}{'r1kit GB/s':>12}")
+    g = torch.Generator().manual_seed(0)
+    for k, n in shapes:
+        codes = torch.randint(0, 16, (k, n), generator=g)
+        scales = torch.rand(k // group, n, generator=g) * 0.01
+        zeros = torch.randint(0, 16, (k // group, n), generator=g).float()
+        copies = max(2, int(400e6 // (k * n // 2)))
+        states = {"torch": [pack_for_torch_kernel(codes, scales, zeros, None, group) for _ in range(copies)],
+                  "r1kit": [cpu_int4.pack(codes, scales, zeros, None, group) for _ in range(copies)]}
+        for m in rows:
+            x = torch.randn(m, k, generator=g)
+            micros = {}
+            for name, cycle in states.items():
+                best = math.inf
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for i in range(100):
+                        int4_matmul(x, cycle[i % copies], n, None)
+                    best = min(best, (time.perf_counter() - start) / 100)
+                micros[name] = best * 1e6
+            print(f"{f'{k}x{n}':<12}{m:>5}{micros['torch']:>9.1f}{micros['r1kit']:>9.1f}{micros['torch'] / micros['r1kit']:>7.2f}×"
+                  f"{k * n / 2 / micros['r1kit'] / 1e3:>12.1f}")
 
 
 def weight_bytes(model) -> int:
@@ -294,6 +330,12 @@ def bench_speed(args) -> None:
         served = {name: engine_rate(copy.deepcopy(model), len(prompt), args.decode_tokens, args.repeats)
                   for name, model in (("fp32", fp32), ("bf16", bf16), ("int4", int4), ("int4 + bf16 rest", int4_bf16))}
         print(f"engine, batch 1: " + ", ".join(f"{name} {rate:.1f} tok/s ({rate / served['fp32']:.2f}×)" for name, rate in served.items()))
+        for batch in args.engine_batches:
+            rates = {name: engine_rate(copy.deepcopy(model), len(prompt), args.decode_tokens, args.repeats, batch)
+                     for name, model in (("fp32", fp32), ("int4", int4))}
+            print(f"engine, batch {batch}: fp32 {rates['fp32']:.1f} tok/s, int4 {rates['int4']:.1f} tok/s ({rates['int4'] / rates['fp32']:.2f}×)")
+    h, f = args.speed_hidden, args.speed_ffn
+    bench_kernels([(h, h + 2 * (h // 192) * 64), (h, h), (h, 2 * f), (f, h), (4096, 4096)], [1, 16], args.group_size, args.repeats)
 
 
 def main() -> None:
@@ -319,6 +361,8 @@ def main() -> None:
     p.add_argument("--speed-layers", type=int, default=12)
     p.add_argument("--speed-ffn", type=int, default=2048)
     p.add_argument("--speed-vocab", type=int, default=8192)
+    p.add_argument("--engine-batches", type=lambda s: [int(x) for x in s.split(",") if x], default=[8, 16],
+                   help="concurrent requests to time fp32 and int4 on the engine at, besides 1 (comma-separated; empty: none)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)

@@ -1,6 +1,7 @@
 """r1kit's int4 CPU kernel (AVX512-BF16): its layout by hand, and its products against the exact
 formula on the same bfloat16-rounded activations, for every row count, dtype, bias and act-order."""
 
+import ctypes
 import subprocess
 
 import numpy as np
@@ -139,7 +140,7 @@ def test_the_library_reports_whether_this_cpu_has_the_kernel():
     from r1kit import native
 
     try:
-        library = cpu_int4.Int4CpuKernel(native.build(cpu_int4.SOURCE))
+        library = cpu_int4.Int4CpuKernel(ctypes.CDLL(str(native.build(cpu_int4.SOURCE))))
     except (OSError, subprocess.SubprocessError):
         pytest.skip("no C compiler")
     flags = native.cpu_flags().split()

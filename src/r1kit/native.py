@@ -7,17 +7,21 @@ default ``~/.cache/r1kit/kernels``) under a name hashed from the source, the sha
 build never loads half a library. A library resolves ``libgomp.so.1`` to the copy torch already
 loaded (torch's Linux wheels bring one under that name), so its threads are torch's threads
 (``torch.set_num_threads``). Callers treat a failed build
-(no compiler) as "no kernel" and keep their PyTorch path.
+(no compiler, :func:`load` returns None) as "no kernel" and keep their PyTorch path.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import logging
 import os
 import platform
 import subprocess
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # -ffast-math lets the compiler vectorize sums and expf; it must be a compile-only flag: linked with
 # it, gcc adds crtfastmath.o, which flushes subnormals to zero for the whole process at load
@@ -68,3 +72,14 @@ def build(source: Path, cache: Path | None = None) -> Path:
             subprocess.run([compiler, *args], check=True, capture_output=True, text=True, timeout=120)
         os.replace(lib, target)
     return target
+
+
+def load(source: Path, fallback: str) -> ctypes.CDLL | None:
+    """``source`` built (:func:`build`) and loaded; None where it cannot be built, with a warning that
+    says what runs instead (``fallback``)."""
+    try:
+        return ctypes.CDLL(str(build(source)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("%s unavailable, %s: %s", source.name, fallback, str(detail).strip()[:500])
+        return None

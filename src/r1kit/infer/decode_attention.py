@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
 
 from r1kit import native
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
 DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
@@ -40,8 +36,7 @@ class PagedDecodeKernel:
     """The loaded library; :meth:`__call__` runs one layer's decode attention, :meth:`rope_attend`
     the same with the rotary embedding and the K/V write folded in."""
 
-    def __init__(self, library: Path) -> None:
-        lib = ctypes.CDLL(str(library))
+    def __init__(self, lib: ctypes.CDLL) -> None:
         pointer, i64 = ctypes.c_void_p, ctypes.c_int64
         self._fns, self._fused = {}, {}
         for dtype, name in DTYPES.items():
@@ -111,9 +106,5 @@ class PagedDecodeKernel:
 @functools.cache
 def load_kernel() -> PagedDecodeKernel | None:
     """The kernel, built once per process (and once per machine, cached on disk); None where it cannot be built."""
-    try:
-        return PagedDecodeKernel(build())
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("paged decode-attention kernel unavailable, decoding gathers K/V instead: %s", str(detail).strip()[:500])
-        return None
+    lib = native.load(SOURCE, "decoding gathers K/V instead")
+    return None if lib is None else PagedDecodeKernel(lib)

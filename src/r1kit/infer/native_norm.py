@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from pathlib import Path
 
 import torch
@@ -24,8 +22,6 @@ from torch import nn
 from r1kit import native
 from r1kit.model.transformer import RMSNorm
 
-log = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).parent / "csrc" / "rms_norm.c"
 FUNCTIONS = {torch.float32: "rms_norm_f32", torch.bfloat16: "rms_norm_bf16"}
 
@@ -33,8 +29,7 @@ FUNCTIONS = {torch.float32: "rms_norm_f32", torch.bfloat16: "rms_norm_bf16"}
 class RMSNormKernel:
     """The loaded library: :meth:`__call__` normalises the rows of a contiguous CPU tensor."""
 
-    def __init__(self, library: Path) -> None:
-        lib = ctypes.CDLL(str(library))
+    def __init__(self, lib: ctypes.CDLL) -> None:
         self._fns = {}
         for dtype, name in FUNCTIONS.items():
             fn = getattr(lib, name)
@@ -57,12 +52,8 @@ class RMSNormKernel:
 @functools.cache
 def load() -> RMSNormKernel | None:
     """The kernel, built once per process (and once per machine, cached on disk); None where it cannot be built."""
-    try:
-        return RMSNormKernel(native.build(SOURCE))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("native rms_norm unavailable, PyTorch's is used: %s", str(detail).strip()[:500])
-        return None
+    lib = native.load(SOURCE, "PyTorch's rms_norm is used")
+    return None if lib is None else RMSNormKernel(lib)
 
 
 class NativeRMSNorm(RMSNorm):

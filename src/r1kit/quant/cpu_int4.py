@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from r1kit import native
-
-log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_matmul.c"
 TILE = 32  # output columns per tile
@@ -68,8 +64,7 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: 
 class Int4CpuKernel:
     """The loaded library; :meth:`__call__` runs ``x @ W (+ bias)`` for a :class:`PackedInt4`."""
 
-    def __init__(self, library: Path) -> None:
-        lib = ctypes.CDLL(str(library))
+    def __init__(self, lib: ctypes.CDLL) -> None:
         self.available = bool(lib.int4_matmul_available())
         pointer, i64 = ctypes.c_void_p, ctypes.c_int64
         self._fns = {}
@@ -109,10 +104,6 @@ class Int4CpuKernel:
 def load() -> Int4CpuKernel | None:
     """The kernel, built once per process (and once per machine, cached on disk); None where it cannot
     be built or this CPU has no AVX512-BF16."""
-    try:
-        kernel = Int4CpuKernel(native.build(SOURCE))
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
-        log.warning("r1kit's int4 CPU kernel unavailable, int4 layers use torch's: %s", str(detail).strip()[:500])
-        return None
-    return kernel if kernel.available else None
+    lib = native.load(SOURCE, "int4 layers use torch's kernel")
+    kernel = None if lib is None else Int4CpuKernel(lib)
+    return kernel if kernel is not None and kernel.available else None

@@ -246,8 +246,11 @@ def pack_for_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     native = cpu_int4.load()
     if native is not None and cpu_int4.fits(*codes.shape, kgroup):
         return cpu_int4.pack(codes, scales, zeros, order, kgroup)
-    if not torch_kernel_available():
-        return None
+    return pack_for_torch_kernel(codes, scales, zeros, order, kgroup) if torch_kernel_available() else None
+
+
+def pack_for_torch_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: torch.Tensor | None, kgroup: int) -> tuple:
+    """torch's int4 kernel's state (packed weight, scales-and-zeros, order, group) from the same inputs."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
     scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
     return packed, scale_zero, order, kgroup
