@@ -89,16 +89,19 @@ def pack_by_hand(codes_in_out: np.ndarray, zeros: np.ndarray) -> tuple[np.ndarra
     return qweight.view(np.int32), qzeros.view(np.int32)
 
 
-def write_third_party(path, group_size=32, act_order=False, in_config_json=False):
+def write_third_party(path, group_size=32, act_order=False, in_config_json=False, hf_config=LLAMA):
+    """A GPTQ checkpoint of ``hf_config`` as AutoGPTQ/GPTQModel write one, packed by hand, and the float
+    model its weights stand for. A group size that does not divide a layer's inputs leaves a partial
+    last group (GPTQModel's layout: ⌈in/g⌉ groups, g_idx = i // g)."""
     rng = np.random.default_rng(0)
-    config = config_from_hf(LLAMA)
+    config = config_from_hf(hf_config)
     with torch.device("meta"):
         skeleton = R1kitForCausalLM(config)
     tensors, float_weights = {}, {}
     for name, module in skeleton.named_modules():
         if isinstance(module, torch.nn.Linear) and name != "lm_head":
             n_in, n_out = module.in_features, module.out_features
-            groups = n_in // group_size
+            groups = -(-n_in // group_size)
             codes = rng.integers(0, 16, size=(n_in, n_out))
             zeros = rng.integers(1, 16, size=(groups, n_out))
             scales = rng.uniform(0.005, 0.03, size=(groups, n_out)).astype(np.float16)
@@ -119,7 +122,7 @@ def write_third_party(path, group_size=32, act_order=False, in_config_json=False
     quant = {"bits": 4, "group_size": group_size, "damp_percent": 0.01, "desc_act": act_order, "static_groups": False,
              "sym": False, "true_sequential": True, "model_name_or_path": None, "model_file_base_name": "model", "quant_method": "gptq",
              "checkpoint_format": "gptq"}
-    raw = dict(LLAMA, quantization_config=quant) if in_config_json else LLAMA
+    raw = dict(hf_config, quantization_config=quant) if in_config_json else hf_config
     (path / "config.json").write_text(json.dumps(raw))
     if not in_config_json:
         (path / "quantize_config.json").write_text(json.dumps(quant))
@@ -170,7 +173,9 @@ def _edit_tensors(path, fn):
 Q = "model.layers.0.self_attn.q_proj"
 CORRUPT = {
     "bits-3": (lambda p: _edit_config(p, bits=3), r"bits=3; r1kit's int4 layers run 4-bit GPTQ checkpoints only"),
-    "group-not-dividing": (lambda p: _edit_config(p, group_size=48), r"group_size=48 does not divide in_features=(128|256) of model.layers.0"),
+    # a group size other than the tensors' (one that leaves a partial group): the group count disagrees
+    "group-size-mismatch": (lambda p: _edit_config(p, group_size=48), r"qzeros has shape \(\d+, 16\), expected \(\d+, 16\) .*group_size=48"),
+    "group-zero": (lambda p: _edit_config(p, group_size=0), r"group_size=0 must be a positive integer or -1"),
     "format": (lambda p: _edit_config(p, checkpoint_format="marlin"), r"checkpoint_format='marlin' is not supported"),
     "group-type": (lambda p: _edit_config(p, group_size="128"), r"group_size='128' must be a positive integer"),
     "qweight-shape": (lambda p: _edit_tensors(p, lambda t: t.__setitem__(f"{Q}.qweight", t[f"{Q}.qweight"][:8])),

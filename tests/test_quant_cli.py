@@ -67,8 +67,8 @@ def test_rtn_needs_no_calibration_and_errors_are_clear(model_dir, tmp_path, caps
     assert "already holds a model; pass --force" in capsys.readouterr().err
     assert main(["quantize", "--model", str(model_dir / "fp"), "--out", str(tmp_path / "x")]) == 2
     assert "--method gptq needs --calib" in capsys.readouterr().err
-    assert main(["quantize", "--model", str(model_dir / "fp"), "--out", str(tmp_path / "x"), "--method", "rtn", "--group-size", "48"]) == 2
-    assert "group size 48 does not divide in_features=128" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(model_dir / "fp"), "--out", str(tmp_path / "x"), "--method", "rtn", "--group-size", "0"]) == 2
+    assert "group_size=0 must be positive, or -1" in capsys.readouterr().err
     assert main(["quantize", "--model", str(out), "--out", str(tmp_path / "y"), "--method", "rtn"]) == 2
     assert "already quantized" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -69,10 +69,13 @@ def test_grid_symmetric_and_asymmetric():
     torch.testing.assert_close(result.scales, result.scales.half().float())  # what the fp16 checkpoint holds
 
 
-def test_group_size_must_divide_in_features():
-    model = R1kitForCausalLM(tiny_config(hidden_size=96, intermediate_size=192, num_heads=3, num_kv_heads=3))
-    with pytest.raises(ConfigError, match="group size 128 does not divide in_features=96 of model.layers.0.self_attn.q_proj"):
+def test_widths_must_pack_and_gptq_needs_calibration():
+    model = R1kitForCausalLM(tiny_config(hidden_size=100, intermediate_size=192, num_heads=2, num_kv_heads=2))
+    with pytest.raises(ConfigError, match="model.layers.0.self_attn.q_proj is 100→100: both must be multiples of 8"):
         quantize_model(model, QuantConfig(method="rtn"))
+    with pytest.raises(ConfigError, match="group_size=0 must be positive"):
+        QuantConfig(group_size=0)
+    model = R1kitForCausalLM(tiny_config(hidden_size=96, intermediate_size=192, num_heads=3, num_kv_heads=3))
     with pytest.raises(ConfigError, match="needs calibration data"):
         quantize_model(model, QuantConfig(group_size=32))
 

@@ -85,8 +85,7 @@ def test_out_of_range_codes_are_rejected():
 
 def random_int4(in_f, out_f, group_size, act_order=False, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    size = in_f if group_size == -1 else group_size
-    groups = in_f // size
+    groups = packing.group_count(in_f, group_size)
     codes = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.int32)
     zeros = torch.randint(1, 16, (groups, out_f), generator=g, dtype=torch.int32)
     scales = (torch.rand(groups, out_f, generator=g) * 0.05 + 0.01).half()
@@ -101,7 +100,7 @@ def random_int4(in_f, out_f, group_size, act_order=False, bias=False, seed=0):
 @pytest.mark.parametrize(
     "in_f,out_f,group_size,act_order,bias",
     [(128, 64, 128, False, False), (256, 48, 32, False, True), (512, 32, 512, False, False), (256, 64, -1, False, False),
-     (256, 32, 64, True, False), (128, 16, 128, True, True)],
+     (256, 32, 64, True, False), (128, 16, 128, True, True), (576, 64, 128, False, True), (576, 32, 128, True, False)],
 )
 def test_kernel_matches_dequantized_reference(in_f, out_f, group_size, act_order, bias):
     layer = random_int4(in_f, out_f, group_size, act_order, bias)

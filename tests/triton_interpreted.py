@@ -12,18 +12,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_decode_attention import assert_matches_naive, random_case
+from test_quant_checkpoint import write_third_party
 from test_quant_helpers import trained_model
+from test_quant_partial_groups import GROUP, SMOL
 from test_quant_packing import random_int4
 from test_quant_triton import RTOL
 
 from r1kit import LLM
 from r1kit.infer.generate import generate
 from r1kit.infer.triton_decode_attention import TritonPagedDecode, load_triton_kernel
-from r1kit.model import R1kitForCausalLM
+from r1kit.model import R1kitForCausalLM, load_model
 from r1kit.infer.sampling import SamplingParams
 from r1kit.quant import QuantConfig, quantize_model, to_int4
 from r1kit.quant import triton_int4
-from r1kit.quant.int4_linear import Int4Linear
+from r1kit.quant.int4_linear import Int4Linear, StackedInt4Linear
 from r1kit.quant.triton_int4 import Tiles, TileChooser, candidate_tiles, default_tiles, dequantize, int4_gptq_matmul
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_quant_triton.py (TRITON_INTERPRET=1)"
@@ -117,6 +119,33 @@ def test_tile_chooser_times_the_candidates_once_and_skips_the_ones_that_fail(mon
     monkeypatch.setattr(triton_int4, "_launch", lambda *args: launch(*args) * (1.1 if args[-1].split_k == 2 else 1.0))
     chosen = TileChooser(lambda fn: abs(fn.args[-1].split_k - 2), devices=("cpu",))(x, *tensors)
     assert chosen.split_k != 2
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["contiguous-groups", "act-order"])
+def test_triton_runs_a_gptqmodel_checkpoint_with_a_partial_group(tmp_path, act_order):
+    """GPTQModel's g128 layout of 576-wide layers (a partial last group) through every path, and the
+    stacked q/k/v (the interpreter is slow: the narrowest layers with the partial group)."""
+    reference = write_third_party(tmp_path, GROUP, act_order=act_order, in_config_json=True, hf_config=SMOL)
+    model = load_model(tmp_path, dtype=torch.float32)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    for name in ("k_proj", "v_proj"):
+        layer = getattr(attn, name)
+        layer.backend = "triton"
+        weight = reference.model.layers[0].self_attn.get_submodule(name).weight.detach().double()
+        for rows in (1, 5, 20):  # one-row kernel, 16-row tile, dequantize + matmul
+            x = torch.randn(rows, layer.in_features, generator=g)
+            ref = x.double() @ weight.T
+            assert (layer(x).double() - ref).abs().max() <= RTOL[torch.float32] * ref.abs().max(), (name, rows)
+    parts = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")}
+    stacked = StackedInt4Linear.stack("qkv_proj", parts)
+    if act_order:  # this writer permutes each part's inputs its own way: they do not stack
+        assert stacked is None
+        return
+    stacked.backend = "triton"
+    x = torch.randn(1, 576, generator=g)
+    ref = x.double() @ torch.cat([reference.model.layers[0].self_attn.get_submodule(n).weight.detach() for n in parts]).double().T
+    assert (stacked(x).double() - ref).abs().max() <= RTOL[torch.float32] * ref.abs().max()
 
 
 def test_triton_model_generates_as_the_reference():

@@ -21,7 +21,7 @@ from r1kit.config import dump_json
 from r1kit.errors import CheckpointError
 from r1kit.quant.config import QuantConfig
 from r1kit.quant.int4_linear import Int4Linear
-from r1kit.quant.packing import default_g_idx, group_span
+from r1kit.quant.packing import default_g_idx, group_count
 from r1kit.quant.rtn import QuantResult
 
 QUANT_FILE = "quantize_config.json"
@@ -98,7 +98,8 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def expected_shapes(in_features: int, out_features: int, group_size: int, bits: int = 4) -> dict[str, tuple[int, ...]]:
-    groups = in_features // group_span(in_features, group_size)
+    """The GPTQ tensors' shapes for one linear (``⌈in / group size⌉`` groups: GPTQModel's partial last group)."""
+    groups = group_count(in_features, group_size)
     return {
         "qweight": (in_features * bits // 32, out_features),
         "qzeros": (groups, out_features * bits // 32),
@@ -171,12 +172,6 @@ def _swap_in_int4(model: nn.Module, name: str, state: dict[str, torch.Tensor], q
         if f"{name}.{part}" not in state:
             raise CheckpointError(f"{path}: {name}.qweight has no {name}.{part}; the checkpoint is incomplete or not GPTQ")
     in_f, out_f = linear.in_features, linear.out_features
-    size = qconfig.group_for(in_f)
-    if in_f % size:
-        raise CheckpointError(
-            f"{path}: group_size={qconfig.group_size} does not divide in_features={in_f} of {name}; "
-            "the checkpoint's quantization_config does not fit this model (re-quantize with a group size that divides it)"
-        )
     if in_f % 8 or out_f % 8:
         raise CheckpointError(f"{path}: {name} is {in_f}→{out_f}; 4-bit GPTQ packing needs multiples of 8")
     for part, shape in expected_shapes(in_f, out_f, qconfig.group_size).items():

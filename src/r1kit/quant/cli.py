@@ -2,7 +2,8 @@
 
 Reads the float model, draws calibration samples, quantizes layer by layer with a progress bar,
 and writes ``--out`` (config.json with quantization_config, quantize_config.json, safetensors,
-and the tokenizer files). It never overwrites a model without ``--force``.
+and every other file of the model directory: tokenizer, chat template, generation config, ...).
+It never overwrites a model without ``--force``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,21 @@ from pathlib import Path
 
 from r1kit.errors import ConfigError
 
-COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# what the quantized checkpoint replaces; every other top-level file travels with it (see companion_files)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+WRITTEN = ("config.json", "quantize_config.json")
+
+
+def companion_files(model_dir: Path) -> list[Path]:
+    """The files of a model directory that a quantized copy keeps as they are: every visible top-level
+    file but the weights (and their ``*.index.json``) and the configs the quantizer writes itself, so
+    tokenizer files, chat templates (``chat_template.jinja``) and generation settings of any name come
+    along without a list of names to keep up to date."""
+    return sorted(
+        f for f in model_dir.iterdir()
+        if f.is_file() and not f.name.startswith(".") and f.name not in WRITTEN
+        and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")
+    )
 
 
 def _bool(text: str) -> bool:
@@ -89,9 +104,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
     save_quantized(model, out, config, results, dtype=save_dtype)
-    for name in COPIED:
-        if (Path(args.model) / name).is_file():
-            shutil.copyfile(Path(args.model) / name, out / name)
+    for file in companion_files(Path(args.model)):
+        shutil.copyfile(file, out / file.name)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     source = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
     print(

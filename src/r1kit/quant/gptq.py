@@ -73,7 +73,8 @@ class GPTQ:
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
-                if col % size == 0:  # a new group: its grid from the weights as updated so far
+                # a new group: its grid from the weights as updated so far (a partial last group: from what is left)
+                if col % size == 0:
                     ahead = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :size]
                     scale, zero = grid_params(ahead, config.bits, config.sym)
                     scales.append(scale)

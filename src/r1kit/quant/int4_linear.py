@@ -17,7 +17,13 @@ quantized model saves and loads in the GPTQ layout with no renaming. Two ways to
   dequantized once per call for cuBLAS above that. Used on CUDA when ``triton`` is
   installed; on the CPU it runs only under Triton's interpreter, which is how the tests check it.
 * ``dequant``: unpack to a float weight and ``F.linear`` (the reference; used wherever neither kernel
-  applies: the CPU kernel needs out_features % 16 and groups of 32/64/128/256, the GPU one triton).
+  applies: the CPU kernel needs out_features % 16 and kernel groups of 32/64/128/256, the GPU one triton).
+
+A group size that does not divide ``in_features`` leaves a partial last group (GPTQModel's layout:
+``⌈in/g⌉`` groups, ``g_idx[i] = i // g``). The CPU kernels run it exactly with a kernel group that
+divides both the group size and ``in_features`` (576 inputs in groups of 128 run as groups of 64,
+each GPTQ group's scale repeated), so nothing is padded; the Triton kernels read ``g_idx`` and mask
+the tile past the last input, so a partial group needs nothing of them.
 
 The module never changes the stored tensors; the kernel's copies live outside the state dict.
 """
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +64,15 @@ class Int4Linear(nn.Module):
         super().__init__()
         if bits != 4:
             raise ValueError(f"Int4Linear holds 4-bit weights, got bits={bits}")
-        size = packing.group_span(in_features, group_size)
-        if in_features % 8 or in_features % size:
-            raise ValueError(f"in_features={in_features} must be a multiple of 8 and of group_size={group_size}")
+        if group_size != -1 and group_size < 1:
+            raise ValueError(f"group_size={group_size} must be a positive integer, or -1 for one group over all inputs")
+        if in_features % 8:
+            raise ValueError(f"in_features={in_features} must be a multiple of 8 (8 codes per int32)")
         if out_features % 8:
             raise ValueError(f"out_features={out_features} must be a multiple of 8 (8 zero points per int32)")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.zero_offset = bits, group_size, zero_offset
-        groups = in_features // size
+        groups = packing.group_count(in_features, group_size)  # the last one partial where group_size does not divide
         self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
@@ -98,18 +106,19 @@ class Int4Linear(nn.Module):
         return self._kernel_state(device) is not None
 
     def _kernel_group(self) -> int | None:
-        # a group of 512 is two kernel groups of 256 with the same scale: any multiple of 32 works
-        size = packing.group_span(self.in_features, self.group_size)
-        return next((g for g in KERNEL_GROUPS if size % g == 0), None)
+        """The kernels' group: the largest of :data:`KERNEL_GROUPS` that divides every GPTQ group, so
+        each GPTQ group is whole kernel groups sharing its scale (512 is two of 256; a partial last
+        group of 64 after groups of 128 makes it 64). None where none divides."""
+        whole = math.gcd(packing.group_span(self.in_features, self.group_size), self.in_features)
+        return next((g for g in KERNEL_GROUPS if whole % g == 0), None)
 
     def _group_order(self) -> torch.Tensor | None:
-        """Input order that makes groups contiguous: empty when already so, None when group sizes forbid it."""
+        """Input order that makes groups contiguous: empty when already so, None when group sizes forbid it
+        (sorted by group, the inputs must fall into the groups of ``i // group_size``)."""
         if self._groups_contiguous():
             return torch.arange(0)
-        size = packing.group_span(self.in_features, self.group_size)
         g = self.g_idx.long()
-        counts = torch.bincount(g, minlength=self.in_features // size)
-        if bool((counts != size).any()):
+        if not torch.equal(g.sort().values, packing.default_g_idx(self.in_features, self.group_size, g.device).long()):
             return None
         return torch.argsort(g, stable=True)
 
@@ -151,10 +160,9 @@ class Int4Linear(nn.Module):
         codes, zeros = packing.unpack_gptq(self.qweight, self.qzeros, self.bits, self.zero_offset)  # [in, out], [G, out]
         if order.numel():
             codes = codes[order]
-        repeat = packing.group_span(self.in_features, self.group_size) // kgroup
-        scales = self.scales.float().repeat_interleave(repeat, dim=0)
-        zeros = zeros.float().repeat_interleave(repeat, dim=0)
-        return codes, scales, zeros, order if order.numel() else None, kgroup
+        # the GPTQ group of each kernel group (of its first input, in the contiguous order)
+        owner = packing.default_g_idx(self.in_features, self.group_size, self.scales.device)[::kgroup].long()
+        return codes, self.scales.float()[owner], zeros.float()[owner], order if order.numel() else None, kgroup
 
     # -- compute ----------------------------------------------------------------------------------
     @property
@@ -219,7 +227,8 @@ class Int4Linear(nn.Module):
         if state is None:
             raise RuntimeError(
                 f"the CPU int4 kernel does not apply to {self.extra_repr()} on {x.device} "
-                "(it needs CPU, out_features % 16 == 0 and groups that are multiples of 32); use backend='dequant'"
+                "(it needs CPU, out_features % 16 == 0, and a group size and in_features that are both multiples of 32); "
+                "use backend='dequant'"
             )
         return int4_matmul(x, state, self.out_features, self.bias)
 

@@ -1,6 +1,8 @@
 """Bit packing of quantized weights in the GPTQ v1 checkpoint layout (AutoGPTQ/GPTQModel/vLLM read it).
 
-For a linear with ``in`` input and ``out`` output features, ``bits`` per code and ``G`` groups:
+For a linear with ``in`` input and ``out`` output features, ``bits`` per code and ``G = ⌈in / group size⌉``
+groups (where the group size does not divide ``in``, the last group holds the remainder, as GPTQModel
+writes it):
 
 * ``qweight`` int32 [in·bits/32, out]: word ``(r, n)`` holds the codes of input features
   ``r·p … r·p+p−1`` (``p = 32/bits``) of output ``n``; feature ``r·p+j`` sits in bits
@@ -100,11 +102,17 @@ def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
 
 
 def default_g_idx(in_features: int, group_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``i // group_size`` (every input in one group for ``group_size = -1``)."""
+    """``i // group_size`` (every input in one group for ``group_size = -1``; a partial last group
+    where the group size does not divide ``in_features``)."""
     size = group_span(in_features, group_size)
     return (torch.arange(in_features, device=device) // size).to(torch.int32)
 
 
 def group_span(in_features: int, group_size: int) -> int:
-    """Input columns per quantization group (``-1`` means one group over every column)."""
+    """Input columns per full quantization group (``-1`` means one group over every column)."""
     return in_features if group_size == -1 else group_size
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    """Groups of a linear's inputs: ``⌈in_features / group_size⌉`` (the last one partial where it does not divide)."""
+    return -(-in_features // group_span(in_features, group_size))

@@ -50,19 +50,16 @@ def layer_linears(layer: nn.Module, names: tuple[str, ...] = TARGETS) -> dict[st
 
 
 def check_quantizable(model: nn.Module, config: QuantConfig) -> None:
-    """Every target's in_features must split into whole groups of 8-code words; out_features into 8-zero words."""
+    """Every target's in_features must split into 8-code words and its out_features into 8-zero words
+    (a group size that does not divide in_features leaves a partial last group, which the format holds)."""
+    per_word = 32 // config.bits
     for i, layer in enumerate(model.model.layers):
         for name, linear in layer_linears(layer).items():
-            where = f"model.layers.{i}.{name}"
-            size = config.group_for(linear.in_features)
-            if linear.in_features % size:
-                raise ConfigError(
-                    f"group size {config.group_size} does not divide in_features={linear.in_features} of {where}; "
-                    f"choose a --group-size that divides it (or -1 for one group per output channel)"
-                )
-            per_word = 32 // config.bits
             if linear.in_features % per_word or linear.out_features % per_word:
-                raise ConfigError(f"{where} is {linear.in_features}→{linear.out_features}: both must be multiples of {per_word} to pack {config.bits}-bit codes")
+                raise ConfigError(
+                    f"model.layers.{i}.{name} is {linear.in_features}→{linear.out_features}: both must be multiples of "
+                    f"{per_word} to pack {config.bits}-bit codes"
+                )
 
 
 @contextlib.contextmanager

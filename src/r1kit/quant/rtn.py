@@ -65,16 +65,17 @@ class QuantResult:
 
 
 def quantize_rtn(weight: torch.Tensor, config: QuantConfig) -> QuantResult:
-    """Round every weight to the nearest point of its group's grid (all groups at once)."""
-    out_features, in_features = weight.shape
-    size = config.group_for(in_features)
-    groups = in_features // size
-    w = weight.detach().float().reshape(out_features * groups, size)  # one row per (output, group)
-    scale, zero = grid_params(w, config.bits, config.sym)
-    codes = to_codes(w, scale[:, None], zero[:, None], config.bits)
+    """Round every weight to the nearest point of its group's grid (a partial last group has its own grid)."""
+    size = config.group_for(weight.shape[1])
+    codes, scales, zeros = [], [], []
+    for w in weight.detach().float().split(size, dim=1):  # [out, size] per group, the last maybe narrower
+        scale, zero = grid_params(w, config.bits, config.sym)
+        codes.append(to_codes(w, scale[:, None], zero[:, None], config.bits))
+        scales.append(scale)
+        zeros.append(zero)
     return QuantResult(
-        codes=codes.reshape(out_features, in_features).to(torch.int32),
-        scales=scale.reshape(out_features, groups).t().contiguous(),
-        zeros=zero.reshape(out_features, groups).t().contiguous().to(torch.int32),
-        g_idx=default_g_idx(in_features, size, device=weight.device),
+        codes=torch.cat(codes, dim=1).to(torch.int32),
+        scales=torch.stack(scales),
+        zeros=torch.stack(zeros).to(torch.int32),
+        g_idx=default_g_idx(weight.shape[1], size, device=weight.device),
     )

@@ -11,11 +11,13 @@ GPTQ-for-LLaMa's and GPTQModel's Triton kernels. Two paths, by the number of row
   never exists in float in memory) and accumulates in float32: a dot product over ``K`` for one
   row, ``tl.dot`` on a 16-row tile otherwise. Where groups are contiguous (no act-order) and a
   multiple of ``BLOCK_K``, a tile lies in one group, so its scales and zeros are one vector each;
-  act-order tiles look each row's group up through ``g_idx``. A decode-sized product has few output
-  tiles, so ``K`` is split over several programs that add their partial sums atomically (split-K,
-  as vLLM's and GPTQModel's Triton kernels do). The launch shape is picked per (rows, shape, dtype)
-  the first time it is met on a GPU, by timing :func:`candidate_tiles` with CUDA events, and kept
-  (Triton's autotuning, done here so the interpreter needs none).
+  act-order tiles look each row's group up through ``g_idx``. A partial last group (a group size
+  that does not divide ``K``) needs nothing more: its tile is masked past ``K`` like any other. A
+  decode-sized product has few output tiles, so ``K`` is split over several programs that add their
+  partial sums atomically (split-K, as vLLM's and GPTQModel's Triton kernels do). The launch shape
+  is picked per (rows, shape, dtype) the first time it is met on a GPU, by timing
+  :func:`candidate_tiles` with CUDA events, and kept (Triton's autotuning, done here so the
+  interpreter needs none).
 * **M > 16** (prefill): the weight is compute's to reuse, not memory's, so :func:`_int4_dequantize`
   writes it out in the activations' dtype and cuBLAS multiplies (exllama's choice for long inputs).
 
@@ -282,12 +284,13 @@ def int4_gptq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
 def _self_check(device: torch.device, dtype: torch.dtype) -> None:
     """Every path of :func:`int4_gptq_matmul` on small random layers against the dequantize reference
     (PyTorch): one row and a few rows over contiguous groups and act-order, and many rows (dequantize
-    + cuBLAS). Raises where a result is wrong."""
+    + cuBLAS), with a partial last group. Raises where a result is wrong."""
     g = torch.Generator().manual_seed(0)
-    K, N, group = 256, 128, 64
+    K, N, group = 224, 128, 64  # K not a multiple of the group: a partial last group, as GPTQModel writes one
+    groups = packing.group_count(K, group)
     codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.int32)
-    zeros = torch.randint(1, 16, (K // group, N), generator=g, dtype=torch.int32)
-    scales = (torch.rand(K // group, N, generator=g) * 0.05 + 0.01).half()
+    zeros = torch.randint(1, 16, (groups, N), generator=g, dtype=torch.int32)
+    scales = (torch.rand(groups, N, generator=g) * 0.05 + 0.01).half()
     for act_order in (False, True):
         g_idx = packing.default_g_idx(K, group)
         if act_order:
