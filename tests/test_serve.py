@@ -88,11 +88,21 @@ def test_split_reasoning(text, expected):
     assert split_reasoning(text) == expected
 
 
-@pytest.mark.parametrize("text", ["<think>plan</think>answer", "a</think>b", "no end", "x</th", "</think>", "<thi"])
-def test_streaming_reasoning_equals_whole_text_for_every_split(text):
-    whole = split_reasoning(text)
+@pytest.mark.parametrize(
+    "text,expected",
+    [("abc</think>answer", (None, "abc</think>answer")), ("<think>abc</think>x", ("abc", "x")), ("<think>cut off", ("cut off", None)), ("x<think>y", (None, "x<think>y"))],
+)
+def test_split_reasoning_after_a_prompt_that_does_not_open_think(text, expected):
+    """Content, unless the model opens <think> itself (a ChatML template: SmolLM2, Qwen2.5)."""
+    assert split_reasoning(text, in_reasoning=False) == expected
+
+
+@pytest.mark.parametrize("in_reasoning", [True, False])
+@pytest.mark.parametrize("text", ["<think>plan</think>answer", "a</think>b", "no end", "x</th", "</think>", "<thi", "<think>a</th"])
+def test_streaming_reasoning_equals_whole_text_for_every_split(text, in_reasoning):
+    whole = split_reasoning(text, in_reasoning)
     for cut in range(len(text) + 1):
-        stream = ReasoningStream()
+        stream = ReasoningStream(in_reasoning)
         parts = [stream.feed(text[:cut]), stream.feed(text[cut:], final=True)]
         reasoning, content = "".join(p[0] for p in parts), "".join(p[1] for p in parts)
         assert (reasoning or None, content or None) == whole, (text, cut)
@@ -143,6 +153,23 @@ def test_chat_reasoning_streaming_and_usage(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 10 and chunks[-1].choices == []
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_r1_prompt_still_splits_at_think_end(client, model_dir, stream):
+    """The default template ends the prompt with <think>\\n: what precedes </think> is reasoning (here nothing)."""
+    from r1kit.data.tokenizer import END_THINK
+
+    end = load_tokenizer(model_dir).token_to_id(END_THINK)
+    body = dict(model="tiny-r1", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, logit_bias={str(end): 100})
+    if stream:
+        deltas = [c.choices[0].delta for c in client.chat.completions.create(**body, stream=True) if c.choices]
+        reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) or None
+        content = "".join(d.content or "" for d in deltas)
+    else:
+        message = client.chat.completions.create(**body).choices[0].message
+        reasoning, content = message.model_extra.get("reasoning_content"), message.content
+    assert (reasoning, content) == (None, END_THINK * 2)
 
 
 def test_stop_strings_seed_and_n(client):

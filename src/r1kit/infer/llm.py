@@ -5,8 +5,11 @@
     outs = llm.generate(["Hello", [1, 2, 3], {"prompt_token_ids": [4, 5]}], SamplingParams(max_tokens=32))
     outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].num_cached_tokens
 
-Everything runs on :class:`r1kit.infer.engine.LLMEngine`; this class only queues the prompts and
-steps the engine until they are done.
+As vLLM's ``LLM``, a model directory's ``generation_config.json`` gives the default sampling
+parameters (``generation_config="auto"``; ``"none"``: r1kit's) and extra end-of-sequence ids; see
+:mod:`r1kit.generation_config`. A text prompt is encoded with the tokenizer's special tokens
+(a Llama tokenizer's BOS), as vLLM encodes one. Everything runs on :class:`r1kit.infer.engine.LLMEngine`;
+this class only queues the prompts and steps the engine until they are done.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from r1kit.device import resolve_device
 from r1kit.errors import ConfigError
+from r1kit.generation_config import GenerationConfig
 from r1kit.infer.engine import EngineConfig, LLMEngine
 from r1kit.infer.outputs import RequestOutput
 from r1kit.infer.processor import Prompt
@@ -27,6 +31,10 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 class LLM:
+    # an LLM wrapped around an existing engine (LLM.__new__, as tests do) has no checkpoint config
+    generation_config: GenerationConfig = GenerationConfig()
+    _extra_eos: tuple[int, ...] = ()
+
     def __init__(
         self,
         model,
@@ -35,12 +43,16 @@ class LLM:
         dtype: str | torch.dtype | None = None,
         device: str | torch.device | None = None,
         think_token_ids: tuple[int, int] | None = None,
+        generation_config: str = "auto",
         **engine_args,
     ) -> None:
         """``model``: a model directory (loaded onto ``device``, default the CPU) or an ``R1kitForCausalLM``
         (moved to ``device`` when one is given); ``engine_args``: :class:`EngineConfig` fields
         (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
-        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``)."""
+        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``);
+        ``generation_config``: ``"auto"`` or ``"none"`` (only read for a model directory)."""
+        model_dir = Path(model) if isinstance(model, (str, Path)) else None
+        self.generation_config = GenerationConfig.for_model(model_dir, generation_config)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ConfigError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
@@ -59,9 +71,19 @@ class LLM:
         if unknown:
             raise ConfigError(f"unknown LLM arguments {sorted(unknown)}; engine options are {sorted(EngineConfig.__dataclass_fields__)}")
         self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args), think_token_ids)
+        self._extra_eos = self.generation_config.extra_stop_ids(self.llm_engine.special.eos, model.config.vocab_size)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """The checkpoint's recommended sampling (``generation_config.json``) over r1kit's defaults."""
+        return SamplingParams(**self.generation_config.sampling_defaults())
+
+    def request_params(self, params: SamplingParams | None = None) -> SamplingParams:
+        """What a request runs with: ``params`` (default: :meth:`get_default_sampling_params`) plus the
+        checkpoint's extra end-of-sequence ids."""
+        return (params or self.get_default_sampling_params()).with_eos_ids(self._extra_eos)
 
     def generate(
         self,
@@ -74,14 +96,14 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+            sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ConfigError(f"{len(sampling_params)} sampling params for {len(prompts)} prompts; give one, or one per prompt")
         engine = self.llm_engine
         ids = []
         try:
             for prompt, params in zip(prompts, sampling_params):
-                ids.append(engine.add_request(None, prompt, params))
+                ids.append(engine.add_request(None, prompt, self.request_params(params)))
             finished: dict[str, RequestOutput] = {}
             progress = _progress(len(ids)) if use_tqdm else None
             while engine.has_unfinished_requests():

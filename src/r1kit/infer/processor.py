@@ -70,6 +70,10 @@ class Processor:
         return s, seq.text[: i + (len(s) if seq.params.include_stop_str_in_output else 0)]
 
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """(text, ids) of a prompt. Text is encoded with the tokenizer's special tokens, as vLLM encodes a
+        completion prompt: a Llama tokenizer's post-processor adds BOS, the model's training saw it. A
+        chat prompt already holds the template's BOS: render it, encode it without them and pass
+        ``{"prompt": text, "prompt_token_ids": ids}``."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
@@ -80,7 +84,7 @@ class Processor:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ConfigError("a text prompt needs a tokenizer: load the LLM from a model directory with tokenizer.json, or pass token ids")
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=True).ids
         return None, [int(t) for t in prompt]
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
@@ -109,6 +113,8 @@ class Processor:
             raise ConfigError(f"logit_bias token ids must be in [0, {vocab})")
 
     def opens_reasoning(self, ids: list[int]) -> bool:
+        """Whether ``ids`` end inside an open ``<think>`` (an R1 chat prompt ends with ``<think>\\n``), so
+        the output starts as reasoning; always False for a tokenizer without a ``<think>`` token."""
         start, end = self.special.think_start, self.special.think_end
         if start is None:
             return False

@@ -1,8 +1,9 @@
 """Sampling parameters and the logits processors that turn a model's logits into the next token.
 
 Field names follow vLLM's ``SamplingParams`` so code written for it reads the same here. The
-defaults of ``r1kit generate`` are the seed's §6.2 recipe against repetitive output (temperature
-0.9, top_k 50, top_p 0.92, repetition_penalty 1.2, 256 new tokens); ``temperature=0`` is greedy.
+defaults of ``r1kit generate``, where the model's ``generation_config.json`` sets none, are the seed's
+§6.2 recipe against repetitive output (temperature 0.9, top_k 50, top_p 0.92, repetition_penalty 1.2,
+256 new tokens); ``temperature=0`` is greedy.
 Everything here is a pure function of its inputs (the random generator is passed in).
 """
 
@@ -81,6 +82,14 @@ class SamplingParams:
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
+
+    def with_eos_ids(self, ids: tuple[int, ...]) -> SamplingParams:
+        """These params with more end-of-sequence ids (a checkpoint's ``generation_config.json``), as
+        vLLM adds them: as stop ids, so that ``ignore_eos`` skips them as it skips the model's EOS."""
+        extra = tuple(i for i in ids if i not in self.stop_token_ids)
+        if self.ignore_eos or not extra:
+            return self
+        return self.replace(stop_token_ids=self.stop_token_ids + extra)
 
     def __hash__(self) -> int:  # logit_bias is a dict; params are compared, rarely hashed
         return hash((self.temperature, self.top_k, self.top_p, self.max_tokens, self.seed, self.n))

@@ -4,6 +4,10 @@ Responses, streaming chunks (``data: {...}`` … ``data: [DONE]``), ``usage`` an
 (``{"error": {"message", "type", "param", "code"}}``) have OpenAI's shapes, so the ecosystem's
 clients work unchanged. Bad input is a 400 that names the field, never a 500. This module only
 translates between HTTP and the engine; it never samples or schedules.
+
+Prompts are encoded as vLLM encodes them: a completion's text with the tokenizer's special tokens (a
+Llama tokenizer's BOS), a rendered chat prompt without (its template wrote the BOS). A request leaves
+a sampling field out: the checkpoint's ``generation_config.json`` value applies (``r1kit.generation_config``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from r1kit.errors import R1kitError
+from r1kit.fim import FimError, FimStyle, describe_styles
 from r1kit.infer.outputs import RequestOutput
 from r1kit.serve.async_engine import AsyncEngine, EngineUnavailable, QueueFull
 from r1kit.serve.chat_template import ChatTemplate
@@ -42,7 +47,10 @@ class ServerState:
     metrics: ServerMetrics | None = None
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
-    reasoning: bool = True
+    reasoning: bool = True  # the reasoning parser is on (it still leaves alone a model that never reasons)
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # SamplingParams fields from generation_config.json
+    extra_eos: tuple[int, ...] = ()  # generation_config.json's end-of-sequence ids the model's own lack
+    fim: FimStyle | None = None  # the tokenizer's fill-in-the-middle markers, if it has them
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -134,7 +142,8 @@ def build_app(state: ServerState) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
         text = body.prompt if body.prompt is not None else _render(state, template_messages(body.messages))
-        ids = state.tokenizer.encode(text, add_special_tokens=body.add_special_tokens).ids
+        special = body.add_special_tokens if body.add_special_tokens is not None else body.prompt is not None
+        ids = state.tokenizer.encode(text, add_special_tokens=special).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.engine.max_model_len}
 
     @app.post("/detokenize")
@@ -191,6 +200,7 @@ async def _submit(state: ServerState, prompts: list, params, stream: bool) -> li
     """Hand every prompt to the engine together (they prefill in the same steps) and wait until all
     are accepted, so validation errors become 400s; if one is refused, the others are aborted."""
     engine = _engine(state)
+    params = params.with_eos_ids(state.extra_eos)
     results = await asyncio.gather(*(engine.submit(p, params, stream=stream) for p in prompts), return_exceptions=True)
     failure = next((r for r in results if isinstance(r, BaseException)), None)
     if failure is None:
@@ -205,7 +215,7 @@ async def _submit(state: ServerState, prompts: list, params, stream: bool) -> li
     raise failure
 
 
-PARAMS = ("max_tokens", "min_tokens", "prompt", "temperature", "top_p", "top_k", "min_p", "stop_token_ids", "stop", "logprobs",
+PARAMS = ("max_tokens", "min_tokens", "prompt", "suffix", "temperature", "top_p", "top_k", "min_p", "stop_token_ids", "stop", "logprobs",
           "logit_bias", "seed", "repetition_penalty", "presence_penalty", "frequency_penalty", "thinking_budget", "messages", "n")  # fmt: skip
 
 
@@ -304,11 +314,12 @@ async def _completions(state: ServerState, body: CompletionRequest):
     echo_only = body.echo and body.max_tokens == 0  # lm-eval's loglikelihood: score the prompt only
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens must be >= 1 (0 is only meaningful with echo=true)", param="max_tokens")
-    max_tokens = 1 if echo_only else (body.max_tokens or 16)
+    max_tokens = 1 if echo_only else (body.max_tokens or state.sampling_defaults.get("max_tokens", 16))
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
-    params = body.sampling(max_tokens, body.logprobs, prompt_logprobs)
+    params = body.sampling(max_tokens, body.logprobs, prompt_logprobs, state.sampling_defaults)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    streams = await _submit(state, body.prompts(), params, bool(body.stream))
+    prompts = body.prompts() if body.suffix is None else _fim_prompts(state, body)
+    streams = await _submit(state, prompts, params, bool(body.stream))
     created = int(time.time())
 
     if body.stream:
@@ -375,30 +386,51 @@ async def _completions(state: ServerState, body: CompletionRequest):
     }  # fmt: skip
 
 
+def _fim_prompts(state: ServerState, body: CompletionRequest) -> list[str]:
+    """Fill-in-the-middle: each text prompt is the code before the hole, ``suffix`` the code after it."""
+    if state.fim is None:
+        raise APIError(400, f"suffix (fill-in-the-middle) needs a tokenizer with FIM tokens ({describe_styles()}); "
+                            f"{state.model_name!r} has none: send the prompt without suffix", param="suffix")  # fmt: skip
+    if body.echo:
+        raise APIError(400, "suffix cannot be combined with echo: the prompt sent to the model is not the prompt given", param="suffix")
+    prompts = body.prompts()
+    if not all(isinstance(p, str) for p in prompts):
+        raise APIError(400, "suffix needs text prompts (the FIM markers go between prefix and suffix), not token ids", param="suffix")
+    try:
+        return [state.fim.prompt(p, body.suffix) for p in prompts]
+    except FimError as exc:
+        raise APIError(400, str(exc), param=exc.field) from None
+
+
 # -- /v1/chat/completions ----------------------------------------------------------------------------
 async def _chat(state: ServerState, body: ChatCompletionRequest):
+    engine = _engine(state).engine
     prompt = _render(state, template_messages(body.messages), body.add_generation_prompt)
+    ids = state.tokenizer.encode(prompt, add_special_tokens=False).ids  # the template wrote any BOS
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:
-        engine = _engine(state).engine
-        max_tokens = max(1, engine.max_model_len - len(state.tokenizer.encode(prompt, add_special_tokens=False).ids))
+        room = max(1, engine.max_model_len - len(ids))
+        max_tokens = min(room, state.sampling_defaults.get("max_tokens", room))
     top_n = body.top_logprobs or 0
-    params = body.sampling(max_tokens, top_n if body.logprobs else None, None)
-    (stream,) = await _submit(state, [prompt], params, bool(body.stream))
+    params = body.sampling(max_tokens, top_n if body.logprobs else None, None, state.sampling_defaults)
+    (stream,) = await _submit(state, [{"prompt": prompt, "prompt_token_ids": ids}], params, bool(body.stream))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    reasoning = state.reasoning
+    # a model that never reasons (no </think> token) keeps its whole answer in content; one whose
+    # prompt ends inside <think> (R1) starts in reasoning; any other starts in content
+    reasoning = state.reasoning and engine.special.think_end is not None
+    starts_in_reasoning = engine.processor.opens_reasoning(ids)
 
     def message_parts(text: str) -> dict[str, Any]:
         if not reasoning:
             return {"content": text}
-        thought, answer = split_reasoning(text)
+        thought, answer = split_reasoning(text, starts_in_reasoning)
         return {"content": answer, "reasoning_content": thought, "reasoning": thought}
 
     if body.stream:
 
         async def events():
-            parsers = [ReasoningStream() for _ in range(body.n)]
+            parsers = [ReasoningStream(starts_in_reasoning) for _ in range(body.n)]
             started: set[int] = set()
             final: RequestOutput | None = None
             base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name}

@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+from r1kit.generation_config import MODES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model directory (config.json, weights, tokenizer.json)")
@@ -29,7 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", type=int, help="bytes for the KV-cache pool (default: a share of free memory)")
     parser.add_argument("--max-waiting", type=int, default=256, help="requests in flight before new ones get 503 (default 256)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB; larger: 413)")
-    parser.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1", help="split <think>…</think> into reasoning_content (default deepseek_r1)")
+    parser.add_argument("--reasoning-parser", choices=["deepseek_r1", "none"], default="deepseek_r1",
+                        help="split <think>…</think> into reasoning_content (default deepseek_r1; a model whose prompt does not open <think> answers in content)")
+    parser.add_argument("--generation-config", choices=MODES, default="auto",
+                        help="auto (default): the model's generation_config.json sets the default temperature, top_k, top_p, min_p, "
+                             "repetition_penalty and max_tokens (vLLM's rule); none: r1kit's defaults. Its eos_token_id applies in both")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="tokens per streamed chunk (default 1: every token at once; more: less server work per token)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
@@ -38,12 +44,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_state(args: argparse.Namespace, state) -> None:
     """Load the model and build the engine loop (while the already-listening server answers 503)."""
     from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.fim import detect_fim
+    from r1kit.generation_config import GenerationConfig
     from r1kit.infer.engine import EngineConfig, LLMEngine
     from r1kit.infer.generate_cli import DTYPES
     from r1kit.model.hf import load_model
     from r1kit.serve.async_engine import AsyncEngine
     from r1kit.serve.chat_template import ChatTemplate
 
+    generation = GenerationConfig.for_model(args.model, args.generation_config)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     config = EngineConfig(
@@ -54,6 +63,9 @@ def load_state(args: argparse.Namespace, state) -> None:
     )
     engine = LLMEngine(model, tokenizer, config)
     state.tokenizer, state.template = tokenizer, ChatTemplate.from_model_dir(args.model)
+    state.sampling_defaults = generation.sampling_defaults()
+    state.extra_eos = generation.extra_stop_ids(engine.special.eos, model.config.vocab_size)
+    state.fim = detect_fim(tokenizer)
     state.engine = AsyncEngine(engine, max_waiting=args.max_waiting, observer=state.metrics, stream_interval=args.stream_interval)
 
 
@@ -110,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         http.join()
         raise
     if not http_done.is_set():
+        if state.sampling_defaults:  # as vLLM, say so: results differ from r1kit's neutral defaults
+            print(f"r1kit serve: default sampling from generation_config.json: {state.sampling_defaults} (--generation-config none: r1kit's)")
         print(f"r1kit serve: {name} ready on http://{args.host}:{args.port}", flush=True)
         state.engine.run()  # the main thread: see r1kit.serve.async_engine
     http.join()

@@ -2,7 +2,9 @@
 
 Field names and ranges follow OpenAI's API plus vLLM's extras (``top_k``, ``min_p``,
 ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``) and r1kit's
-``thinking_budget``. Unknown fields are rejected so a typo never passes silently.
+``thinking_budget``. Unknown fields are rejected so a typo never passes silently. The sampling
+fields a checkpoint's ``generation_config.json`` may set default to None: a request that leaves one
+out gets the server's default (the checkpoint's, else OpenAI's), as in vLLM.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from r1kit.generation_config import SAMPLING_FIELDS
 from r1kit.infer.sampling import SamplingParams
+
+
+# the fields a checkpoint's generation_config.json may default; max_tokens is each endpoint's own affair
+DEFAULTABLE = tuple(name for name in SAMPLING_FIELDS.values() if name != "max_tokens")
 
 
 class StreamOptions(BaseModel):
@@ -24,13 +31,13 @@ class _Sampling(BaseModel):
 
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
     logit_bias: dict[str, float] | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -54,17 +61,15 @@ class _Sampling(BaseModel):
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
         return value
 
-    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+    def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, defaults: dict[str, Any]) -> SamplingParams:
+        """The request's params; ``defaults`` (``SamplingParams`` names) fill the fields it leaves out."""
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        given = {name: getattr(self, name) for name in DEFAULTABLE if getattr(self, name) is not None}
         return SamplingParams(
+            **{**{k: v for k, v in defaults.items() if k in DEFAULTABLE}, **given},
             n=self.n,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
             logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()} or None,
             stop=tuple(s for s in stops if s),
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -80,10 +85,10 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=0)
+    max_tokens: int | None = Field(None, ge=0)  # None: the checkpoint's max_new_tokens, else OpenAI's 16
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    suffix: None = None
+    suffix: str | None = None  # fill-in-the-middle: the text after the hole (r1kit.fim)
 
     @field_validator("prompt")
     @classmethod
@@ -136,7 +141,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = False
+    add_special_tokens: bool | None = None  # None: as the request would be encoded (vLLM: prompt yes, messages no)
 
 
 class DetokenizeRequest(BaseModel):
