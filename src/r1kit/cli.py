@@ -17,6 +17,8 @@ from r1kit.errors import R1kitError
 VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("r1kit.quickstart", "the whole reproduction on the embedded corpus: prepare, train, quantize, evaluate, report"),
     "prepare": ("r1kit.data.cli", "clean, filter, deduplicate and tokenize a corpus into training shards"),
+    "pull": ("r1kit.checkpoints.pull_cli", "fetch a known model or a Hugging Face repo into r1kit's cache"),
+    "convert": ("r1kit.checkpoints.convert_cli", "convert a GGUF file to a model directory, or a model directory to GGUF"),
     "init": ("r1kit.model.init_cli", "create a randomly initialised model directory from a config"),
     "train": ("r1kit.train.cli", "train a model on token shards (single process or under torchrun)"),
     "eval": ("r1kit.train.eval_cli", "evaluate a model: perplexity overall and by position"),

@@ -21,7 +21,7 @@ from r1kit.infer.llm import DTYPES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="model directory (config.json + model.safetensors)")
+    source.add_argument("--model", help="model directory (config.json + model.safetensors), .gguf file or pulled model name")
     source.add_argument("--config", help="YAML model config: benchmark a randomly initialised model")
     parser.add_argument("--batch-sizes", default="1,8,16", help="comma-separated numbers of concurrent requests (default 1,8,16)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request (default 128)")
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from r1kit.device import resolve_device
     from r1kit.errors import ConfigError
     from r1kit.infer.llm import LLM
-    from r1kit.model.hf import load_model
+    from r1kit.checkpoints.load import load_model
     from r1kit.model.transformer import R1kitForCausalLM
 
     if args.threads:

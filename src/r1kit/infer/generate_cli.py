@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,7 +23,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json), .gguf file or pulled model name")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, help="most tokens to generate (default: the model's, else 256, the seed's §6.2)")
     parser.add_argument("--temperature", type=float, help="0 is greedy (default: the model's, else 0.9, the seed's §6.2)")
@@ -49,16 +50,19 @@ def sampling_params(args: argparse.Namespace, generation: GenerationConfig) -> S
 
 
 def run(args: argparse.Namespace) -> int:
-    generation = GenerationConfig.for_model(args.model, args.generation_config)
+    from r1kit.checkpoints.load import resolve_model
+
+    model_dir = resolve_model(args.model)
+    generation = GenerationConfig.for_model(model_dir, args.generation_config)
     params = sampling_params(args, generation)
     if args.reference:
-        return _run_reference(args, params, generation)
+        return _run_reference(args, model_dir, params, generation)
     from r1kit.data.tokenizer import load_tokenizer
     from r1kit.infer.llm import LLM
 
     params = params.replace(stop=tuple(args.stop), thinking_budget=args.thinking_budget)
-    tokenizer = load_tokenizer(args.model)
-    llm = LLM(args.model, tokenizer, dtype=DTYPES[args.dtype], device=args.device, generation_config=args.generation_config, max_num_seqs=1)
+    tokenizer = load_tokenizer(model_dir)
+    llm = LLM(model_dir, tokenizer, dtype=DTYPES[args.dtype], device=args.device, generation_config=args.generation_config, max_num_seqs=1)
     engine = llm.llm_engine
     engine.add_request("cli", args.prompt, llm.request_params(params))
     sys.stdout.write(args.prompt)
@@ -74,13 +78,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_reference(args: argparse.Namespace, params: SamplingParams, generation: GenerationConfig) -> int:
+def _run_reference(args: argparse.Namespace, model_dir: Path, params: SamplingParams, generation: GenerationConfig) -> int:
+    from r1kit.checkpoints.load import load_model
     from r1kit.data.tokenizer import EOS, load_tokenizer
     from r1kit.infer.generate import stream_tokens
-    from r1kit.model.hf import load_model
 
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=DTYPES[args.dtype], device=args.device)
     eos = model.config.eos_token_id
     eos_ids = [e for e in (eos if isinstance(eos, tuple) else [eos if eos is not None else tokenizer.token_to_id(EOS)]) if e is not None]
     params = params.with_eos_ids(generation.extra_stop_ids(eos_ids, model.config.vocab_size))

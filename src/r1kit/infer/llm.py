@@ -46,25 +46,25 @@ class LLM:
         generation_config: str = "auto",
         **engine_args,
     ) -> None:
-        """``model``: a model directory (loaded onto ``device``, default the CPU) or an ``R1kitForCausalLM``
+        """``model``: a model directory, ``.gguf`` file or pulled model name (loaded onto ``device``, default the CPU) or an ``R1kitForCausalLM``
         (moved to ``device`` when one is given); ``engine_args``: :class:`EngineConfig` fields
         (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
         ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``);
         ``generation_config``: ``"auto"`` or ``"none"`` (only read for a model directory)."""
-        model_dir = Path(model) if isinstance(model, (str, Path)) else None
+        from r1kit.checkpoints.load import load_model, resolve_model
+
+        model_dir = resolve_model(model) if isinstance(model, (str, Path)) else None
         self.generation_config = GenerationConfig.for_model(model_dir, generation_config)
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ConfigError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
             dtype = DTYPES[dtype]
-        if isinstance(model, (str, Path)):
+        if model_dir is not None:
             from r1kit.data.tokenizer import load_tokenizer
-            from r1kit.model.hf import load_model
 
-            path = Path(model)
-            model = load_model(path, dtype=dtype, device=device or "cpu")
-            if tokenizer is None and (path / "tokenizer.json").is_file():
-                tokenizer = load_tokenizer(path)
+            model = load_model(model_dir, dtype=dtype, device=device or "cpu")
+            if tokenizer is None and (model_dir / "tokenizer.json").is_file():
+                tokenizer = load_tokenizer(model_dir)
         elif dtype is not None or device is not None:
             model = model.to(device=None if device is None else resolve_device(device), dtype=dtype)
         unknown = set(engine_args) - set(EngineConfig.__dataclass_fields__)

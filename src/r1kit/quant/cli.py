@@ -18,7 +18,7 @@ from r1kit.errors import ConfigError
 
 # what the quantized checkpoint replaces; every other top-level file travels with it (see companion_files)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
-WRITTEN = ("config.json", "quantize_config.json")
+WRITTEN = ("config.json", "quantize_config.json", "gguf_source.json")  # the last: a GGUF view's pointer to its weights
 
 
 def companion_files(model_dir: Path) -> list[Path]:
@@ -43,7 +43,7 @@ def _bool(text: str) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="float model directory (config.json + safetensors [+ tokenizer.json])")
+    parser.add_argument("--model", required=True, help="float model directory (config.json + safetensors [+ tokenizer.json]), .gguf file or pulled model name")
     parser.add_argument("--out", required=True, help="directory to write the GPTQ checkpoint to")
     parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="gptq (default; needs --calib) or rtn, round-to-nearest, the baseline")
     parser.add_argument("--bits", type=int, choices=(4,), default=4, help="bits per weight (4: what the int4 layers run)")
@@ -71,16 +71,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from r1kit.model.hf import load_model
+    from r1kit.checkpoints.load import load_model, resolve_model
     from r1kit.quant.calibration import load_calibration
     from r1kit.quant.checkpoint import save_quantized
     from r1kit.quant.config import QuantConfig
     from r1kit.quant.quantizer import quantize_model
 
     out = Path(args.out)
+    model_dir = resolve_model(args.model)
     if (out / "config.json").exists() and not args.force:
         raise ConfigError(f"{out} already holds a model; pass --force to overwrite it or choose another --out")
-    if Path(args.model).resolve() == out.resolve():
+    if model_dir.resolve() == out.resolve():
         raise ConfigError("--out must differ from --model: the float weights would be overwritten")
     config = QuantConfig(
         bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, sym=args.sym, damp_percent=args.damp,
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be positive")
-    model = load_model(args.model, device=args.device)
+    model = load_model(model_dir, device=args.device)
     if getattr(model, "quantization_config", None) is not None:
         raise ConfigError(f"{args.model} is already quantized; quantize the float model")
     calibration = None
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.calib:
             raise ConfigError("--method gptq needs --calib (token shards or a text file); or use --method rtn")
         seqlen = args.seqlen or min(2048, model.config.max_seq_len)
-        calibration = load_calibration(args.calib, args.model, args.nsamples, seqlen, args.seed, args.calib_split)
+        calibration = load_calibration(args.calib, model_dir, args.nsamples, seqlen, args.seed, args.calib_split)
         print(f"calibration: {calibration.shape[0]} samples × {calibration.shape[1]} tokens from {args.calib}", file=sys.stderr)
     start = time.perf_counter()
     bar = (lambda it: tqdm(it, desc=f"{args.method} layers", unit="layer", file=sys.stderr)) if not args.no_progress else None
@@ -104,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     save_dtype = None if args.save_dtype == "auto" else getattr(torch, args.save_dtype)
     save_quantized(model, out, config, results, dtype=save_dtype)
-    for file in companion_files(Path(args.model)):
+    for file in companion_files(model_dir):
         shutil.copyfile(file, out / file.name)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    source = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+    source = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) or model.config.num_parameters() * 4  # a GGUF: its float32 size
     print(
         f"wrote {out}: {len(results)} linears quantized ({args.method}, {config.bits}-bit, group {config.group_size}, "
         f"desc_act={config.desc_act}, sym={config.sym}) in {seconds:.1f}s; weights {size / 2**20:.2f} MiB "

@@ -20,7 +20,7 @@ from r1kit.errors import ConfigError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=["ppl"], help="what to evaluate: ppl (perplexity)")
-    parser.add_argument("--model", required=True, help="model directory")
+    parser.add_argument("--model", required=True, help="model directory, .gguf file or pulled model name")
     parser.add_argument("--data", required=True, help="a shard folder of `r1kit prepare` (its val split) or a text file")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per evaluated block (default 512)")
     parser.add_argument("--max-blocks", type=int, default=64, help="most blocks to evaluate (default 64)")
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
-def blocks_from(data: str, model_dir: str, seq_len: int, max_blocks: int) -> np.ndarray:
+def blocks_from(data: str, model_dir: str | Path, seq_len: int, max_blocks: int) -> np.ndarray:
     """[blocks, seq_len + 1] token ids from shards (val split) or from a text file tokenized with the model's tokenizer."""
     path = Path(data)
     if (path / "index.json").is_file():
@@ -67,10 +67,11 @@ def perplexity(model, blocks: np.ndarray, buckets: int, batch_size: int) -> dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from r1kit.model.hf import load_model
+    from r1kit.checkpoints.load import load_model, resolve_model
 
-    model = load_model(args.model, dtype=torch.float32)
-    result = perplexity(model, blocks_from(args.data, args.model, args.seq_len, args.max_blocks), args.buckets, args.batch_size)
+    folder = resolve_model(args.model)
+    model = load_model(folder, dtype=torch.float32)
+    result = perplexity(model, blocks_from(args.data, folder, args.seq_len, args.max_blocks), args.buckets, args.batch_size)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
