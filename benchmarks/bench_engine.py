@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from r1kit.infer.bench_cli import (
+from r1kit.infer.benchmark import (
     memory_bandwidth,
     model_bytes,
     random_prompts,
@@ -100,7 +100,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     from r1kit.infer.llm import LLM
-    from r1kit.model.hf import load_model
+    from r1kit.checkpoints import load_model
 
     bandwidth, read = memory_bandwidth(args.device)
     where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if on_cpu else torch.cuda.get_device_name(args.device)

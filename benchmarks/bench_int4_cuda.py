@@ -25,8 +25,9 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from r1kit.infer.bench_cli import memory_bandwidth
+from r1kit.infer.benchmark import memory_bandwidth
 from r1kit.quant import packing
+from r1kit.quant.int4 import triton_kernel
 from r1kit.quant.int4_linear import Int4Linear
 
 
@@ -74,7 +75,8 @@ def main() -> None:
             ref = F.linear(x.float(), w16.float())
             layer(x)  # the first call picks the launch shape
             if rows <= SMALL_M:
-                t = choose_tiles(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx.int(), layer.zero_offset, layer._contiguous_group())
+                t = choose_tiles(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx.int(), layer.zero_offset,
+                                 layer.prepared(triton_kernel.prepare).group_k)
                 launch = f"{t.block_m}x{t.block_n}x{t.block_k} split {t.split_k}" if t else "dequantize (no shape ran correctly)"
             else:
                 launch = "dequantize + cuBLAS"

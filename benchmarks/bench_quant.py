@@ -40,10 +40,10 @@ from pathlib import Path
 import torch
 
 from r1kit.config import ModelConfig
-from r1kit.data.tokenizer import train_tokenizer
+from r1kit.tokenizer import train_tokenizer
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
-from r1kit.model.hf import load_model
+from r1kit.checkpoints import load_model
 from r1kit.model.transformer import R1kitForCausalLM
 from r1kit.quant import Int4Linear, QuantConfig, quantize_model, save_quantized, to_int4
 from r1kit.quant.quantizer import layer_linears
@@ -223,7 +223,7 @@ def decode_rate(model, prompt: list[int], tokens: int, repeats: int) -> float:
 
 def engine_rate(model, prompt_tokens: int, tokens: int, repeats: int, batch: int = 1) -> float:
     """Decode tokens/s of ``batch`` concurrent requests on the engine (which packs ``model`` in place: pass a copy)."""
-    from r1kit.infer.bench_cli import random_prompts, time_engine
+    from r1kit.infer.benchmark import random_prompts, time_engine
     from r1kit.infer.llm import LLM
 
     llm = LLM(model, max_num_seqs=batch, max_model_len=prompt_tokens + tokens + 1)
@@ -236,6 +236,7 @@ def bench_kernels(shapes: list[tuple[int, int]], rows: list[int], group: int, re
     """r1kit's int4 CPU kernel against torch's on the same products, weights streamed from memory:
     each product cycles through copies of its weight adding up to 400 MB, so none is in cache."""
     from r1kit.quant import cpu_int4
+    from r1kit.quant.int4 import cpu_kernel
     from r1kit.quant.int4_linear import int4_matmul, pack_for_torch_kernel
 
     if cpu_int4.load() is None:
@@ -250,7 +251,7 @@ def bench_kernels(shapes: list[tuple[int, int]], rows: list[int], group: int, re
         zeros = torch.randint(0, 16, (k // group, n), generator=g).float()
         copies = max(2, int(400e6 // (k * n // 2)))
         states = {"torch": [pack_for_torch_kernel(codes, scales, zeros, None, group) for _ in range(copies)],
-                  "r1kit": [cpu_int4.pack(codes, scales, zeros, None, group) for _ in range(copies)]}
+                  "r1kit": [cpu_kernel.pack(codes, scales, zeros, None, group) for _ in range(copies)]}
         for m in rows:
             x = torch.randn(m, k, generator=g)
             micros = {}
@@ -259,7 +260,7 @@ def bench_kernels(shapes: list[tuple[int, int]], rows: list[int], group: int, re
                 for _ in range(repeats):
                     start = time.perf_counter()
                     for i in range(100):
-                        int4_matmul(x, cycle[i % copies], n, None)
+                        int4_matmul(x, cycle[i % copies])
                     best = min(best, (time.perf_counter() - start) / 100)
                 micros[name] = best * 1e6
             print(f"{f'{k}x{n}':<12}{m:>5}{micros['torch']:>9.1f}{micros['r1kit']:>9.1f}{micros['torch'] / micros['r1kit']:>7.2f}×"

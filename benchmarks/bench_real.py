@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from r1kit.checkpoints.gguf_convert import gguf_view, load_gguf_model
 from r1kit.checkpoints.pull import KNOWN_MODELS, fetch_known_file
-from r1kit.infer.bench_cli import time_engine
+from r1kit.infer.benchmark import time_engine
 from r1kit.infer.llm import LLM
 from r1kit.model.hf import save_model
 from r1kit.quant import QuantConfig, quantize_model, save_quantized, to_int4
@@ -118,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gguf = fetch_known_file(KNOWN_MODELS["smollm2-135m-instruct"])
-    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.tokenizer import load_tokenizer
 
     tok = load_tokenizer(gguf_view(gguf))
     print(f"model: SmolLM2-135M-Instruct ({gguf.name}); {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")

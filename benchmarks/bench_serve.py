@@ -35,7 +35,7 @@ def build_model_dir(config: str, out: Path) -> Path:
     import json as json_module
 
     from r1kit.config import ModelConfig
-    from r1kit.data.tokenizer import EOS, train_tokenizer
+    from r1kit.tokenizer import EOS, train_tokenizer
     from r1kit.model import R1kitForCausalLM
 
     tok = train_tokenizer([Path(m.__file__).read_text() for m in (json_module, email, socket, subprocess, argparse)], vocab_size=2048)
@@ -142,11 +142,12 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 
 def direct_engine(model_dir: Path, max_num_seqs: int):
-    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.tokenizer import load_tokenizer
     from r1kit.infer.engine import EngineConfig, LLMEngine
-    from r1kit.model import load_model
+    from r1kit.checkpoints import load_model
 
-    return LLMEngine(load_model(model_dir), load_tokenizer(model_dir), EngineConfig(max_num_seqs=max_num_seqs, kv_cache_memory=64 << 20))
+    return LLMEngine(load_model(model_dir), load_tokenizer(model_dir), EngineConfig(max_num_seqs=max_num_seqs, kv_cache_memory=64 << 20),
+                     take_model=True)
 
 
 def engine_direct(engine, prompts: list[str], max_tokens: int) -> float:

@@ -67,7 +67,7 @@ def smol_dir(out: Path, generation_config: dict | None = None) -> Path:
 
 
 def chatml_think_dir(out: Path) -> Path:
-    from r1kit.data.tokenizer import EOS, train_tokenizer
+    from r1kit.tokenizer import EOS, train_tokenizer
 
     tok = train_tokenizer(CORPUS, vocab_size=400)
     template = "{% for message in messages %}<|user|>{{ message['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"

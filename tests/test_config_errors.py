@@ -9,7 +9,8 @@ from r1kit import LLM
 from r1kit.cli import main
 from r1kit.config import ModelConfig
 from r1kit.errors import CheckpointError, ConfigError
-from r1kit.model import R1kitForCausalLM, load_model
+from r1kit.model import R1kitForCausalLM
+from r1kit.checkpoints import load_model
 
 BASE = dict(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48)
 

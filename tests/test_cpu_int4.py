@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_quant_packing import random_int4
 
 from r1kit.quant import cpu_int4
-from r1kit.quant import int4_linear
+from r1kit.quant.int4 import choose, cpu_kernel, torch_kernel
 
 KERNEL = cpu_int4.load()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="this CPU has no AVX512-BF16 (torch's int4 kernel serves instead)")
@@ -109,13 +109,14 @@ def test_int4_linear_uses_it_where_it_fits_and_torchs_kernel_elsewhere(monkeypat
         out = layer.forward_kernel(x)
         ref = layer.forward_dequant(x)
         assert (out - ref).abs().max() <= 1e-2 * ref.abs().max()
-    assert isinstance(fits._kernel[1], cpu_int4.PackedInt4)
-    assert isinstance(narrow._kernel[1], tuple)  # 48 outputs are not a whole tile
+    cpu = torch.device("cpu")
+    assert choose.cpu_kernel_for(fits, cpu) is cpu_kernel
+    assert choose.cpu_kernel_for(narrow, cpu) is torch_kernel  # 48 outputs are not a whole tile
     want = fits.forward_kernel(x)
     # and where the kernel cannot be had (no AVX512-BF16, no compiler), torch's serves the same layer
     monkeypatch.setattr(cpu_int4, "load", lambda: None)
     torch_layer = random_int4(256, 64, 64, act_order=True, bias=True)
-    assert isinstance(torch_layer.kernel_inputs(), tuple) and isinstance(int4_linear.pack_for_kernel(*torch_layer.kernel_inputs()), tuple)
+    assert choose.cpu_kernel_for(torch_layer, cpu) is torch_kernel
     assert (torch_layer.forward_kernel(x) - want).abs().max() <= 1e-2 * want.abs().max()
 
 
@@ -125,7 +126,7 @@ def test_float16_activations_and_gradients():
     x = torch.randn(3, 128)
     ref = layer.forward_dequant(x)
     half = layer(x.half())  # the kernel takes float32 or bfloat16: float16 goes through float32
-    assert isinstance(layer._kernel[1], cpu_int4.PackedInt4) and half.dtype == torch.float16
+    assert choose.named(layer, "auto", x.device, torch.float16) is cpu_kernel and half.dtype == torch.float16
     assert (half.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
     # the kernels have no backward: a forward that needs gradients takes the dequantize path
     x.requires_grad_(True)

@@ -12,7 +12,7 @@ from r1kit.data.config import EMBEDDED_MIN_TOKENS, PrepareConfig
 from r1kit.data.normalize import normalize
 from r1kit.data.readers import RawDoc
 from r1kit.data.records import Doc, Drop
-from r1kit.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from r1kit.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from r1kit.errors import CheckpointError, ConfigError
 
 SAMPLES = {

@@ -26,7 +26,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 def test_candidate_probability_math():
     assert dedup.candidate_probability(0.95, 14, 8) > 0.99999
     assert dedup.candidate_probability(0.90, 14, 8) > 0.999
-    assert dedup.candidate_probability(0.95, 3, 42) < 0.35  # the datasketch-threshold-0.95 trap in DESIGN.md
+    assert dedup.candidate_probability(0.95, 3, 42) < 0.35  # the datasketch-threshold-0.95 trap (docs/data.md)
     assert dedup.candidate_probability(0.3, 14, 8) < 0.001
 
 

@@ -15,7 +15,7 @@ from r1kit.data.config import PrepareConfig
 from r1kit.data.pipeline import run_prepare
 from r1kit.data.readers import RawDoc, iter_embedded
 from r1kit.data.shards import ShardDataset, ShardWriter
-from r1kit.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from r1kit.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from r1kit import LLM, SamplingParams
 from r1kit.infer import decode_attention
 from r1kit.infer.generate import generate
 from r1kit.model import R1kitForCausalLM
+from r1kit.model.attention import local_attention, window_start
 from r1kit.model.rope import apply_rotary
 
 KERNEL = decode_attention.load_kernel()
@@ -70,6 +71,27 @@ def assert_matches_naive(kernel, case, device="cpu"):
 @given(problems())
 def test_kernel_equals_naive_attention(problem):
     assert_matches_naive(KERNEL, random_case(*problem))
+
+
+def assert_matches_eager_local(kernel, case, window, device="cpu"):
+    """A decode query at position p of a local layer: the kernel reading the pool from the model's
+    ``window_start(p, w)`` gives what the eager path's ``local_attention`` gives over the row's keys."""
+    q, k_pool, v_pool, tables, contexts, _, block_size = case
+    lowest = window_start(contexts - 1, window)
+    out = kernel(*(t.to(device) for t in (q, k_pool, v_pool, tables, contexts, lowest)), block_size).cpu()
+    for s in range(q.shape[0]):
+        pos = torch.arange(int(contexts[s]))
+        slots = tables[s][pos // block_size] * block_size + pos % block_size
+        keys, values = (pool[slots].transpose(0, 1)[None].double() for pool in (k_pool, v_pool))  # [1, Hkv, n, D]
+        want = local_attention(q[s : s + 1].double(), keys, values, window)
+        tolerance = 1e-5 if q.dtype == torch.float32 else 2e-2
+        assert (out[s : s + 1].double() - want).abs().max() <= tolerance * max(1.0, float(want.abs().max()))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.integers(1, 12))
+def test_kernel_under_the_window_rule_equals_eager_local_attention(problem, window):
+    assert_matches_eager_local(KERNEL, random_case(*problem), window)
 
 
 @settings(max_examples=40, deadline=None)
@@ -134,13 +156,14 @@ def test_engine_decodes_global_and_local_layers_in_one_fused_call(tiny_config, w
     model = quantized(model) if weights == "int4" else model.to(getattr(torch, weights))
     prompts = [[5, 9, 2, 7, 1, 3, 8, 4, 6, 10, 11], [3, 1, 4]]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    want = [generate(model, p, params) for p in prompts]
     llm = LLM(model, block_size=4, num_kv_blocks=32)
+    want = [generate(model, p, params) for p in prompts]  # the caller's model: the engine fused only its own copy
+    assert not hasattr(model.model.layers[0].self_attn, "qkv_proj")
     pool = llm.llm_engine.runner.pool
     if weights == "int4":  # q/k/v through one int4 kernel call, as a GPTQ checkpoint runs in the engine
         from r1kit.quant.int4_linear import FusedInt4Linear
 
-        assert isinstance(model.model.layers[0].self_attn.qkv_proj, FusedInt4Linear)
+        assert isinstance(llm.llm_engine.model.model.layers[0].self_attn.qkv_proj, FusedInt4Linear)
     pool.decode_kernel = counting = Counting(pool.decode_kernel)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == want
     assert len(counting.fused) >= 2 * 9 and max(counting.fused) == 2  # both layers, every decode step, both rows at once

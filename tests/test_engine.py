@@ -1,10 +1,14 @@
 """The engine against the reference decoding loop: same greedy tokens for batched requests of
 different lengths, with chunked prefill, prefix-cache hits and preemption, for every attention and
-FFN kind; the streaming interface, abort, and the errors a request can get."""
+FFN kind; the streaming interface, abort, and the errors a request can get.
+
+Every reference runs the caller's model, which the engine copies and never touches: the plain eager
+path (no packed or fused layer, no native norm, no decode kernel), checked by :func:`reference`."""
 
 import pytest
 import torch
 from devices import CUDA, DEVICES
+from torch import nn
 
 from r1kit import LLM, SamplingParams
 from r1kit.errors import ConfigError
@@ -20,7 +24,14 @@ def prompts_of(lengths, vocab=61, seed=1):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
+def assert_plain(model):
+    """No module of the engine's (packed or fused layers, native norms) in ``model``: it runs the eager path."""
+    engine_modules = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("r1kit.infer")]
+    assert not engine_modules, f"the reference model holds engine modules {engine_modules}"
+
+
 def reference(model, prompts, params=GREEDY, eos_ids=()):
+    assert_plain(model)
     return [generate(model, p, params, eos_ids) for p in prompts]
 
 
@@ -87,7 +98,7 @@ def test_seeded_sampling_matches_reference_whatever_the_batch(tiny_config, devic
     model = R1kitForCausalLM(tiny_config(attention="hybrid")).eval().to(device)
     params = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, repetition_penalty=1.1, max_tokens=16, seed=7)
     prompt = prompts_of([6])[0]
-    want = generate(model, prompt, params)
+    [want] = reference(model, [prompt], params)
     llm = LLM(model, block_size=4, num_kv_blocks=64)
     alone = llm.generate([prompt], params)[0].outputs[0].token_ids
     others = [SamplingParams(temperature=1.0, max_tokens=10)] * 3
@@ -125,8 +136,8 @@ def test_streaming_steps_abort_and_new_requests_joining(tiny_config):
             deltas[out.request_id] += out.outputs[0].delta_token_ids
             if out.finished:
                 finals[out.request_id] = out.outputs[0].token_ids
-    assert deltas["a"] == finals["a"] == generate(model, a, SamplingParams(temperature=0, max_tokens=20))
-    assert deltas["c"] == finals["c"] == generate(model, b, SamplingParams(temperature=0, max_tokens=5))
+    assert [deltas["a"]] == [finals["a"]] == reference(model, [a], SamplingParams(temperature=0, max_tokens=20))
+    assert [deltas["c"]] == [finals["c"]] == reference(model, [b], SamplingParams(temperature=0, max_tokens=5))
     assert engine.block_manager.num_free_blocks == engine.num_blocks
     engine.block_manager.check_invariants()
 
@@ -219,7 +230,7 @@ def test_random_workload_with_arrivals_aborts_and_preemption(tiny_config):
         prompt, p = params[rid]
         assert len(out.outputs) == p.n
         if p.greedy:
-            want = generate(model, prompt, p, eos_ids=[3])
+            [want] = reference(model, [prompt], p, eos_ids=[3])
             assert all(o.token_ids == want for o in out.outputs)
 
 
@@ -255,17 +266,17 @@ def test_a_step_mixing_prefills_and_decodes_is_one_forward(tiny_config, attentio
     call per step, the same tokens and prompt logprobs as each request alone."""
     model = R1kitForCausalLM(tiny_config(attention=attention)).eval()
     a, b, c, d = prompts_of([6, 11, 1, 8])
-    want = {"a": generate(model, a, GREEDY), "b": generate(model, b, GREEDY), "c": generate(model, c, GREEDY)}
+    want = dict(zip("abc", reference(model, [a, b, c])))
     with torch.no_grad():
         ref_d = model(torch.tensor([d]))[0].log_softmax(-1)
     engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=9))
-    calls, real_forward = [], model.forward
+    calls, real_forward = [], engine.model.forward
 
     def counting_forward(*args, **kwargs):
         calls.append(1)
         return real_forward(*args, **kwargs)
 
-    model.forward = counting_forward
+    engine.model.forward = counting_forward
     engine.add_request("a", a, GREEDY)
     engine.step()  # a's prompt
     engine.add_request("b", b, GREEDY)  # 11 tokens: chunked over two steps by the budget of 9
@@ -285,7 +296,7 @@ def test_a_step_mixing_prefills_and_decodes_is_one_forward(tiny_config, attentio
         assert len(calls) - before == 1  # one forward per step, whatever it holds
         mixed_steps += mixed
     assert mixed_steps > 0
-    assert {k: got[k] for k in want} == want and got["d"] == generate(model, d, SamplingParams(temperature=0, max_tokens=3))
+    assert {k: got[k] for k in want} == want and [got["d"]] == reference(model, [d], SamplingParams(temperature=0, max_tokens=3))
     for i in range(1, len(d)):
         assert abs(logprobs[i][d[i]].logprob - float(ref_d[i - 1, d[i]])) < 1e-4
 
@@ -297,3 +308,65 @@ def test_packed_batch_wants_one_token_rows_first(tiny_config):
     pool = KVPool(cfg, num_blocks=4, block_size=4, dtype=torch.float32, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="one token must come first"):
         PackedBatch(pool, [([0], 0, 3, 4), ([1], 2, 1, 4)], torch.device("cpu"))
+
+
+def test_the_paged_views_implement_the_cache_protocol_and_its_order(tiny_config):
+    """Both views the engine hands the model declare every call of the model's KVCacheView; a packed
+    step's attend checks that it follows the update of the same layer."""
+    from r1kit.infer.paged_cache import KVPool, PackedBatch, PagedBatch
+    from r1kit.model import KVCacheView
+
+    cfg, cpu = tiny_config(), torch.device("cpu")
+    pool = KVPool(cfg, num_blocks=8, block_size=4, dtype=torch.float32, device=cpu)
+    single = PagedBatch(pool, [[0]], [2], [1], [4], cpu)
+    packed = PackedBatch(pool, [([1], 0, 1, 4), ([2, 3], 0, 5, 4)], cpu)
+    assert isinstance(single, KVCacheView) and isinstance(packed, KVCacheView)
+    assert packed.rope_store_attend(0, "global", torch.zeros(1, 6, 64), None, None, 4) is None
+    k = torch.randn(1, 2, 6, 8)
+    packed.update(0, k, k)
+    q = torch.randn(1, 4, 6, 8)
+    assert packed.attend(0, "global", q, k, k).shape == q.shape
+    with pytest.raises(RuntimeError, match="attend\\(\\) of layer 1 after update\\(\\) of layer 0"):
+        packed.attend(1, "global", q, k, k)
+    with pytest.raises(ConfigError, match="hybrid_global=compressed"):
+        packed.attend(0, "compressed", q, k, k)
+
+
+@pytest.mark.parametrize("pack_weights", [True, False])
+def test_the_callers_model_still_trains_after_an_engine_took_its_weights(tiny_config, pack_weights):
+    """The engine runs its own copy: the caller's layers stay the model's own (plain q/k/v projections
+    and RMSNorms), a backward pass and an optimizer step work, and the engine keeps its weights."""
+    from r1kit.model.attention import Attention
+    from r1kit.model.transformer import RMSNorm
+
+    model = R1kitForCausalLM(tiny_config(attention=("global", "hybrid"), ffn=("dense", "topk"))).eval()
+    layers = list(model.modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    llm = LLM(model, block_size=4, num_kv_blocks=16, pack_weights=pack_weights)
+    engine_out = llm.generate([[3, 1, 4, 1, 5]], GREEDY)[0].outputs[0].token_ids
+    assert list(model.modules()) == layers and llm.llm_engine.model is not model
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        assert type(attn) is Attention and all(type(getattr(attn, p)) is nn.Linear for p in ("q_proj", "k_proj", "v_proj"))
+        assert type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    model(tokens).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    optimizer.step()
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before["model.layers.0.self_attn.q_proj.weight"])
+    # the engine's copy did not move with the caller's weights
+    assert llm.generate([[3, 1, 4, 1, 5]], GREEDY)[0].outputs[0].token_ids == engine_out
+
+
+def test_take_model_hands_the_model_over_without_a_copy(tiny_config):
+    model = R1kitForCausalLM(tiny_config()).eval()
+    [want] = reference(model, [[3, 1, 4, 1, 5]])
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=16), take_model=True)
+    assert engine.model is model
+    engine.add_request("a", [3, 1, 4, 1, 5], GREEDY)
+    while engine.has_unfinished_requests():
+        out = engine.step()
+    assert out[0].outputs[0].token_ids == want

@@ -32,7 +32,7 @@ def test_logit_bias_adds_to_listed_tokens():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     from r1kit.config import ModelConfig
-    from r1kit.data.tokenizer import train_tokenizer
+    from r1kit.tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("m")
@@ -148,16 +148,24 @@ def test_penalties_change_greedy_output_and_need_a_tokenizer_for_stop_strings(ll
     pen_ids = pen[0].outputs[0].token_ids
     assert max(pen_ids.count(t) for t in set(pen_ids)) <= max(plain.count(t) for t in set(plain))
     engine = LLMEngine(R1kitForCausalLM(tiny_config()), config=EngineConfig(num_kv_blocks=8))
-    with pytest.raises(ConfigError, match="stop strings need a tokenizer"):
+    with pytest.raises(ConfigError, match="stop strings need a tokenizer") as info:
         engine.add_request("x", [1, 2], SamplingParams(stop=["a"]))
-    with pytest.raises(ConfigError, match="thinking_budget needs"):
+    assert info.value.param == "stop"
+    with pytest.raises(ConfigError, match="thinking_budget needs") as info:
         engine.add_request("x", [1, 2], SamplingParams(thinking_budget=3))
+    assert info.value.param == "thinking_budget"
 
 
-@pytest.mark.parametrize("bad", [dict(n=0), dict(min_tokens=5, max_tokens=2), dict(presence_penalty=3.0), dict(stop=[""]), dict(logprobs=-1), dict(logit_bias={3: float("inf")}), dict(logit_bias={3: 101}), dict(seed=-1)])
-def test_bad_engine_sampling_params(bad):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize(
+    "bad,param",
+    [(dict(n=0), "n"), (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(presence_penalty=3.0), "presence_penalty"), (dict(stop=[""]), "stop"),
+     (dict(logprobs=-1), "logprobs"), (dict(logprobs=21), "logprobs"), (dict(logit_bias={3: float("inf")}), "logit_bias"), (dict(logit_bias={3: 101}), "logit_bias"),
+     (dict(seed=-1), "seed"), (dict(temperature=float("nan")), "temperature"), (dict(top_k=2.5), "top_k"), (dict(max_tokens=True), "max_tokens")],
+)  # fmt: skip
+def test_bad_engine_sampling_params(bad, param):
+    with pytest.raises(ConfigError) as info:
         SamplingParams(**bad)
+    assert info.value.param == param and str(info.value).startswith(param)
 
 
 def test_generate_cli_runs_on_the_engine_and_matches_the_reference(model_dir, capsys):

@@ -45,10 +45,10 @@ def test_a_marker_inside_the_text_is_refused_naming_the_field():
     style = BY_NAME["qwen"]
     with pytest.raises(FimError, match=r"prompt contains '<\|fim_suffix\|>'") as info:
         style.prompt("x = '<|fim_suffix|>'", "")
-    assert info.value.field == "prompt"
+    assert info.value.param == "prompt"
     with pytest.raises(FimError) as info:
         style.prompt("", "<|fim_middle|>")
-    assert info.value.field == "suffix"
+    assert info.value.param == "suffix"
 
 
 # text made of the markers' own characters, so that near-markers and whole markers both turn up

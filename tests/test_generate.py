@@ -86,7 +86,7 @@ def test_too_long_request_is_refused(model):
 
 
 def test_init_and_generate_through_the_cli(tmp_path):
-    from r1kit.data.tokenizer import train_tokenizer
+    from r1kit.tokenizer import train_tokenizer
 
     text = [open(torch.__file__).read(), open(subprocess.__file__).read()]
     train_tokenizer(text, vocab_size=400).save(str(tmp_path / "tokenizer.json"))
@@ -104,7 +104,7 @@ def test_init_and_generate_through_the_cli(tmp_path):
     again = run("init", "--config", str(cfg), "--out", str(tmp_path / "m"))
     assert again.returncode == 2 and "already holds a model; pass --force" in again.stderr
     bad = run("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
-    assert bad.returncode == 2 and "no tokenizer at" in bad.stderr
+    assert bad.returncode == 2 and "nope does not exist; give a model directory" in bad.stderr
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from chatml_models import smol_dir
 
 from r1kit.errors import CheckpointError, ConfigError
 from r1kit.generation_config import GenerationConfig
-from r1kit.infer.generate_cli import RECIPE, sampling_params
+from r1kit.cli.generate import RECIPE, sampling_params
 from r1kit.infer.sampling import SamplingParams
 
 QWEN = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,

@@ -296,7 +296,7 @@ def test_sentencepiece_round_trip_through_gguf(spm_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def r1kit_dir(tmp_path_factory):
-    from r1kit.data.tokenizer import train_tokenizer
+    from r1kit.tokenizer import train_tokenizer
 
     corpus = ["The cat sat on the mat. 12 cats, 345 mats!", "def f(x):\n    return x * 2\n", "naïve café 中文 😀"] * 50
     folder = tmp_path_factory.mktemp("r1kit_tok")

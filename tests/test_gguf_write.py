@@ -14,7 +14,7 @@ from r1kit.checkpoints.gguf_convert import load_gguf_model
 from r1kit.checkpoints.gguf_write import write_gguf
 from r1kit.cli import main
 from r1kit.config import ModelConfig
-from r1kit.data.tokenizer import EOS, train_tokenizer
+from r1kit.tokenizer import EOS, train_tokenizer
 from r1kit.errors import CheckpointError
 from r1kit.model.transformer import R1kitForCausalLM
 
@@ -78,7 +78,7 @@ def test_convert_cli_round_trip(tmp_path, capsys):
 
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "back")(IDS), model(IDS), atol=1e-5, rtol=1e-5)
-    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.tokenizer import load_tokenizer
 
     text = "def f(x):\n    return x  # ünïcode"
     assert load_tokenizer(tmp_path / "back").encode(text).ids == load_tokenizer(folder).encode(text).ids

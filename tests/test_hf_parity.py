@@ -7,7 +7,8 @@ import torch
 from devices import DEVICES
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from r1kit.model import R1kitForCausalLM, load_model
+from r1kit.model import R1kitForCausalLM
+from r1kit.checkpoints import load_model
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256)
 

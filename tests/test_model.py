@@ -1,10 +1,20 @@
 """Whole-model properties: cached decoding equals a full forward; the hybrid's gate limits."""
 
+import math
+
 import pytest
 import torch
 
-from r1kit.model import ContiguousKVCache, R1kitForCausalLM
-from r1kit.model.attention import sdpa
+from r1kit.model import ContiguousKVCache, KVCacheView, R1kitForCausalLM
+from r1kit.model.attention import sdpa, window_mask
+
+
+def pin_gates(model, local: bool) -> list:
+    """Pin every hybrid gate to 1 (local only) or 0 (global only) with forward hooks on the gate
+    networks (sigmoid(±inf) is exactly 1 or 0); returns the hook handles."""
+    value = math.inf if local else -math.inf
+    return [layer.self_attn.gate.register_forward_hook(lambda module, args, out: torch.full_like(out, value))
+            for layer in model.model.layers if layer.self_attn.kind == "hybrid"]
 
 KINDS = ["global", "local", "hybrid", ["local", "hybrid"], ["global", "local"]]
 
@@ -23,7 +33,7 @@ def test_prefill_then_decode_equals_full_forward(tiny_config, attention, ffn, hy
         steps.append(model(tokens[:, 6:10], cache=cache))  # a chunk over a cache
         steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(10, 19)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
-    assert cache.length == 19
+    assert cache.length == 19 and isinstance(cache, KVCacheView)
     for i, kind in enumerate(cfg.attention):
         assert cache.stored_positions(i) == (4 if kind == "local" else 19)
 
@@ -39,10 +49,11 @@ def test_hybrid_gate_limits(tiny_config, gate):
         plain.load_state_dict(state)
         outputs[kind] = plain(tokens)
     with torch.no_grad():
-        for value, kind in ((0.0, "global"), (1.0, "local")):
-            for layer in hybrid.model.layers:
-                layer.self_attn.gate_override = value
+        for local, kind in ((False, "global"), (True, "local")):
+            hooks = pin_gates(hybrid, local)
             torch.testing.assert_close(hybrid(tokens), outputs[kind].detach(), atol=1e-5, rtol=1e-5)
+            for hook in hooks:
+                hook.remove()
 
 
 def test_hard_gate_skips_global_only_where_gate_is_confident(tiny_config):
@@ -66,8 +77,7 @@ def test_hard_gate_skips_global_only_where_gate_is_confident(tiny_config):
         for a in hard.model.layers:
             a.self_attn.gate[2].bias.fill_(50.0)  # every gate ~1: local only
         local_only = hard(tokens)
-        for a in soft.model.layers:
-            a.self_attn.gate_override = 1.0
+        pin_gates(soft, local=True)
         torch.testing.assert_close(local_only, soft(tokens), atol=1e-5, rtol=1e-5)
 
 
@@ -103,18 +113,22 @@ class LeftPaddedCache:
         self.pads, self.window = torch.tensor(pads), window
         self.keys, self.values, self.length = {}, {}, 0
 
+    def next_positions(self, m, device):
+        self.m = m
+        slots = torch.arange(self.length, self.length + m)
+        return (slots[None, :] - self.pads[:, None]).clamp_min(0)
+
     def update(self, i, k, v):
         if i in self.keys:
             k, v = torch.cat((self.keys[i], k), 2), torch.cat((self.values[i], v), 2)
         self.keys[i], self.values[i] = k, v
         return k, v
 
-    def positions(self, m):
-        slots = torch.arange(self.length, self.length + m)
-        return (slots[None, :] - self.pads[:, None]).clamp_min(0)
-
-    def attend(self, kind, q, k, v):
+    def attend(self, layer_idx, kind, q, k, v):
         return sdpa(q, k, v, mask=self.attention_mask(kind, self.window))
+
+    def rope_store_attend(self, layer_idx, kind, qkv, cos, sin, num_heads):
+        return None
 
     def attention_mask(self, kind, window):
         n = self.length + self.m
@@ -123,7 +137,7 @@ class LeftPaddedCache:
         real_key = k_slot >= self.pads[:, None, None]
         allowed = real_key & (k_slot <= q_slot)
         if kind == "local":
-            allowed &= q_slot - k_slot < window
+            allowed &= window_mask(q_slot, k_slot, window)
         allowed |= q_slot == k_slot  # padded query rows see themselves (their output is ignored)
         return allowed[:, None]
 
@@ -144,12 +158,11 @@ def test_masked_batch_path_equals_single_sequences(tiny_config, attention, ffn):
     pads = [longest - len(s) for s in seqs]
     batch = torch.stack([torch.cat((torch.zeros(p, dtype=torch.long), s)) for p, s in zip(pads, seqs)])
     cache = LeftPaddedCache(pads, window=4)
+    assert isinstance(cache, KVCacheView)
     with torch.no_grad():
-        cache.m = longest
-        prefill = model(batch, positions=cache.positions(longest), cache=cache, window=4)
+        prefill = model(batch, cache=cache)
         nxt = torch.randint(0, 61, (3, 1))
-        cache.m = 1
-        step = model(nxt, positions=cache.positions(1), cache=cache, window=4)
+        step = model(nxt, cache=cache)
         for row, (s, p) in enumerate(zip(seqs, pads)):
             alone = model(torch.cat((s, nxt[row]))[None], window=4)
             torch.testing.assert_close(prefill[row, p:], alone[0, :-1], atol=1e-5, rtol=1e-5)

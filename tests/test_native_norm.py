@@ -68,16 +68,26 @@ def test_gradients_and_other_dtypes_go_pytorchs_way():
         KERNEL(torch.randn(2, 64), torch.ones(64, dtype=torch.bfloat16), 1e-6)
 
 
-def test_the_engine_swaps_its_models_norms_and_keeps_their_weights(tiny_config):
+def test_the_swap_keeps_the_norms_weights_and_results(tiny_config):
     model = R1kitForCausalLM(tiny_config()).eval()
+    plain = copy.deepcopy(model)  # the reference: never swapped
     state = {k: v.clone() for k, v in model.state_dict().items()}
     weight = model.model.layers[0].input_layernorm.weight
-    want = model(torch.tensor([[5, 9, 2, 7]]))
-    LLM(model, num_kv_blocks=16)
+    assert native_norm.use_native_norms(model) == 5
     norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
     assert norms and all(isinstance(m, native_norm.NativeRMSNorm) for m in norms)
     assert model.model.layers[0].input_layernorm.weight is weight  # the same parameter, under the same name
     assert set(model.state_dict()) == set(state) and not any(m.training for m in norms)
     copy.deepcopy(model.model.norm)  # holds no library handle: copies and pickles like any module
+    assert not any(isinstance(m, native_norm.NativeRMSNorm) for m in plain.modules())
+    tokens = torch.tensor([[5, 9, 2, 7]])
     with torch.inference_mode():
-        torch.testing.assert_close(model(torch.tensor([[5, 9, 2, 7]])), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(tokens), plain(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_the_engine_swaps_its_copys_norms_not_the_callers(tiny_config):
+    model = R1kitForCausalLM(tiny_config()).eval()
+    engine_model = LLM(model, num_kv_blocks=16).llm_engine.model
+    norms = [m for m in engine_model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(isinstance(m, native_norm.NativeRMSNorm) for m in norms)
+    assert all(type(m) is RMSNorm for m in model.modules() if isinstance(m, RMSNorm))

@@ -13,7 +13,7 @@ from test_quant_helpers import markov_tokens, one_thread, trained_model  # noqa:
 from r1kit.errors import CheckpointError
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
-from r1kit.model import load_model
+from r1kit.checkpoints import load_model
 from r1kit.model.hf import config_from_hf
 from r1kit.model.transformer import R1kitForCausalLM
 from r1kit.quant import Int4Linear, QuantConfig, quantize_model, save_quantized
@@ -203,7 +203,9 @@ def test_a_float16_checkpoint_runs_on_the_cpu_engine_as_bfloat16(tmp_path):
     inv_freq = model.rotary.inv_freq.clone()
     want = generate(load_model(tmp_path, dtype=torch.bfloat16), [5, 17, 42], GREEDY)
     llm = LLM(model, max_num_seqs=1, num_kv_blocks=16)
-    assert model.dtype == torch.bfloat16 and llm.llm_engine.model is model
+    assert model.dtype == torch.float16  # the caller's model is left as it was; the engine runs a bfloat16 copy
+    model = llm.llm_engine.model
+    assert model.dtype == torch.bfloat16
     # the cast rounds neither the checkpoint's scales nor the rotary frequencies through bfloat16
     assert all(torch.equal(model.get_submodule(name).scales, s) for name, s in scales.items())
     assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, inv_freq)

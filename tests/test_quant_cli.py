@@ -12,10 +12,10 @@ from test_quant_helpers import one_thread, tiny_config  # noqa: F401 (one_thread
 from r1kit.cli import main
 from r1kit.data.records import write_json
 from r1kit.data.shards import FORMAT, INDEX, ShardWriter, dtype_for
-from r1kit.data.tokenizer import train_tokenizer
+from r1kit.tokenizer import train_tokenizer
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
-from r1kit.model import load_model
+from r1kit.checkpoints import load_model
 from r1kit.model.transformer import R1kitForCausalLM
 from r1kit.quant import Int4Linear
 

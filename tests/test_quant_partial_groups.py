@@ -23,9 +23,10 @@ from r1kit.cli import main
 from r1kit.infer.generate import generate
 from r1kit.infer.llm import LLM
 from r1kit.infer.sampling import SamplingParams
-from r1kit.model import load_model
+from r1kit.checkpoints import load_model
 from r1kit.model.transformer import R1kitForCausalLM
-from r1kit.quant import Int4Linear, QuantConfig, cpu_int4, int4_linear, quantize_model, save_quantized
+from r1kit.quant import Int4Linear, QuantConfig, cpu_int4, quantize_model, save_quantized
+from r1kit.quant.int4 import choose, cpu_kernel, torch_kernel
 from r1kit.quant.int4_linear import FusedInt4Linear, StackedInt4Linear
 
 GROUP = 128
@@ -83,7 +84,7 @@ def _cpu_backend(backend: str, monkeypatch) -> str:
     if backend == "r1kit-kernel" and cpu_int4.load() is None:
         pytest.skip("this CPU has no AVX512-BF16 or no C compiler: r1kit's int4 kernel is not built (torch's serves)")
     if backend == "torch-kernel":
-        if not int4_linear.torch_kernel_available():
+        if not torch_kernel.installed():
             pytest.skip("this torch has no _weight_int4pack_mm_for_cpu (torch < 2.6)")
         monkeypatch.setattr(cpu_int4, "load", lambda: None)  # as on a CPU without AVX512-BF16
     return "dequant" if backend == "dequant" else "kernel"
@@ -103,10 +104,10 @@ def test_every_cpu_backend_runs_the_checkpoint(smol, backend, monkeypatch):
         want = seen.double() @ reference.get_submodule(name).weight.double().T
         assert relative_error(layer(x), want) <= RTOL[backend], name
         if kind == "kernel":
-            state = layer._kernel[1]
-            native = isinstance(state, cpu_int4.PackedInt4)
-            assert native == (backend == "r1kit-kernel")
-            group, order = (state.group, state.order) if native else (state[3], state[2])
+            kernel = choose.cpu_kernel_for(layer, x.device)
+            assert kernel.NAME == backend
+            state = layer.prepared(kernel.prepare)
+            group, order = (state.packed.group, state.packed.order) if kernel is cpu_kernel else (state.group, state.order)
             # a kernel group that divides every GPTQ group, the partial one too
             assert group == (64 if layer.in_features == 576 else GROUP) and (order is not None) == act_order
     tokens = torch.tensor([[5, 17, 42, 8, 90]])
@@ -144,7 +145,7 @@ def test_engine_serves_it(smol):
     want = [generate(model, p, GREEDY) for p in prompts]
     llm = LLM(model, block_size=4, num_kv_blocks=16)
     # gate/up fused into one int4 kernel call, where their inputs share one order
-    assert isinstance(getattr(model.model.layers[0].mlp, "gate_up_proj", None), FusedInt4Linear) != act_order
+    assert isinstance(getattr(llm.llm_engine.model.model.layers[0].mlp, "gate_up_proj", None), FusedInt4Linear) != act_order  # the engine's copy
     assert [list(o.outputs[0].token_ids) for o in llm.generate(prompts, GREEDY)] == want
 
 

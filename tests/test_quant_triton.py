@@ -11,7 +11,7 @@ import torch
 from test_quant_helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
 from test_quant_packing import random_int4
 
-from r1kit.quant import int4_linear
+from r1kit.quant.int4 import triton_kernel
 
 HERE = Path(__file__).parent
 # max |Δ| as a share of max |reference|: float32 runs an IEEE dot (only summation order differs);
@@ -19,7 +19,7 @@ HERE = Path(__file__).parent
 RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.mark.skipif(not int4_linear.triton_available(), reason="triton is not installed (pip install triton)")
+@pytest.mark.skipif(not triton_kernel.installed(), reason="triton is not installed (pip install triton)")
 def test_triton_kernel_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
@@ -35,14 +35,14 @@ def test_auto_backend_choice(monkeypatch):
     assert layer.resolved_backend(torch.device("cpu")) == "kernel"
     from r1kit.quant import triton_int4
 
-    monkeypatch.setattr(int4_linear, "triton_available", lambda: True)
+    monkeypatch.setattr(triton_kernel, "installed", lambda: True)
     checked = []
     monkeypatch.setattr(triton_int4, "verified", lambda device, dtype: checked.append((device.type, dtype)) or True)
     assert layer.resolved_backend(torch.device("cuda"), torch.bfloat16) == "triton"
     assert checked == [("cuda", torch.bfloat16)]  # asked about this device and dtype
     monkeypatch.setattr(triton_int4, "verified", lambda device, dtype: False)  # kernels that failed their self-check
     assert layer.resolved_backend(torch.device("cuda")) == "dequant"
-    monkeypatch.setattr(int4_linear, "triton_available", lambda: False)
+    monkeypatch.setattr(triton_kernel, "installed", lambda: False)
     assert layer.resolved_backend(torch.device("cuda")) == "dequant"
     layer.backend = "triton"
     with pytest.raises(RuntimeError, match="pip install triton"):
@@ -56,7 +56,7 @@ def test_auto_backend_choice(monkeypatch):
     assert layer._frozen is None
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and int4_linear.triton_available()), reason="needs a CUDA GPU and triton")
+@pytest.mark.skipif(not (torch.cuda.is_available() and triton_kernel.installed()), reason="needs a CUDA GPU and triton")
 @pytest.mark.parametrize("rows,act_order", [(1, False), (7, True), (40, True)], ids=["gemv", "dot-act-order", "dequant-cublas"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_triton_kernel_on_cuda(dtype, rows, act_order):

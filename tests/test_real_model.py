@@ -64,11 +64,11 @@ def test_logits_equal_transformers(hf, ours):
             torch.testing.assert_close(ours(ids), model(ids).logits, atol=1e-4, rtol=1e-4, msg=kind)
 
 
-def test_greedy_continuations_equal_transformers_for_40_tokens(hf, smollm2_gguf):
+def test_greedy_continuations_equal_transformers_for_40_tokens(hf, ours):
     from r1kit import LLM, SamplingParams
 
     model, tok = hf
-    llm = LLM(load_gguf_model(smollm2_gguf), max_model_len=512)  # its own copy: the engine packs weights in place
+    llm = LLM(ours, max_model_len=512)  # the engine packs its own copy: `ours` stays as loaded
     for kind in PROMPTS:
         ids = prompt_ids(tok, kind)
         with torch.no_grad():
@@ -81,7 +81,7 @@ def test_greedy_continuations_equal_transformers_for_40_tokens(hf, smollm2_gguf)
 
 
 def test_perplexity_on_held_out_english_within_a_tenth_of_a_percent(hf, ours):
-    from r1kit.train.eval_cli import perplexity
+    from r1kit.evaluate import perplexity
 
     model, tok = hf
     ids = held_out_english(tok, 4 * 257)

@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from r1kit.config import ModelConfig
-from r1kit.data.tokenizer import EOS, load_tokenizer, train_tokenizer
-from r1kit.model import R1kitForCausalLM, load_model
+from r1kit.errors import ConfigError
+from r1kit.infer.sampling import SamplingParams
+from r1kit.tokenizer import EOS, load_tokenizer, train_tokenizer
+from r1kit.model import R1kitForCausalLM
+from r1kit.checkpoints import load_model
 from r1kit.serve.app import ServerState, build_app
 from r1kit.serve.reasoning import ReasoningStream, split_reasoning
 
@@ -158,7 +161,7 @@ def test_chat_reasoning_streaming_and_usage(client):
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_r1_prompt_still_splits_at_think_end(client, model_dir, stream):
     """The default template ends the prompt with <think>\\n: what precedes </think> is reasoning (here nothing)."""
-    from r1kit.data.tokenizer import END_THINK
+    from r1kit.tokenizer import END_THINK
 
     end = load_tokenizer(model_dir).token_to_id(END_THINK)
     body = dict(model="tiny-r1", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, logit_bias={str(end): 100})
@@ -217,28 +220,59 @@ def test_tokenize_detokenize(server):
     assert chat["count"] > len(ids) - 2 and chat["max_model_len"] == 512
 
 
+# one bad value per SamplingParams field (floats where the field is a float: the JSON round trip
+# makes them floats, and the message quotes the value)
+SAMPLING_ERRORS = [
+    ("temperature", -1.0), ("top_p", 0.0), ("top_p", 2.0), ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0),
+    ("presence_penalty", 3.0), ("frequency_penalty", -3.0), ("n", 0), ("max_tokens", -1), ("min_tokens", 100), ("seed", -1),
+    ("seed", 2**63), ("logprobs", 21), ("thinking_budget", -1), ("stop", [""]), ("stop", ""), ("logit_bias", {"abc": 1.0}),
+    ("logit_bias", {"--5": 1.0}), ("logit_bias", {"1": 101.0}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field,value", SAMPLING_ERRORS)
+def test_a_bad_sampling_value_is_the_same_error_over_http_and_in_python(server, field, value):
+    with pytest.raises(ConfigError) as info:
+        SamplingParams(**{"max_tokens": 4, field: value})
+    assert info.value.param == field
+    r = httpx.post(server + "/v1/completions", json={"model": "tiny-r1", "prompt": "x", "max_tokens": 4, field: value})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": str(info.value), "type": "invalid_request_error", "param": field, "code": None}
+
+
 @pytest.mark.parametrize(
-    "body,param",
+    "route,body,param",
     [
-        ({"temperature": -1}, "temperature"),
-        ({"top_p": 2}, "top_p"),
-        ({"max_tokens": -1}, "max_tokens"),
-        ({"n": 0}, "n"),
-        ({"frobnicate": 1}, "frobnicate"),
-        ({"prompt": "x " * 600}, "prompt"),
-        ({"logit_bias": {"abc": 1}}, "logit_bias"),
-        ({"prompt": 5}, "prompt"),
-        ({"min_tokens": 100}, "min_tokens"),
-        ({"seed": -1}, "seed"),
-        ({"logit_bias": {"--5": 1}}, "logit_bias"),
-        ({"logit_bias": {"999999": 5}}, "logit_bias"),
+        ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),  # SamplingParams' logprobs
+        ("chat", {"max_completion_tokens": 0}, "max_completion_tokens"),  # SamplingParams' max_tokens
+        ("chat", {"max_tokens": 0}, "max_tokens"),
+        ("chat", {"messages": [{"role": "user", "content": "x " * 600}]}, "messages"),  # the prompt: longer than the context
+        ("chat", {"messages": []}, "messages"),
+        ("completions", {"prompt": "x " * 600}, "prompt"),
+        ("completions", {"max_tokens": 100_000}, "max_tokens"),  # a short prompt: max_tokens is what overflows
+        ("completions", {"max_tokens": 0}, "max_tokens"),  # 0 only with echo (score the prompt)
+        ("completions", {"prompt": []}, "prompt"),
+        ("completions", {"prompt": [999_999]}, "prompt"),
+        ("completions", {"stop_token_ids": [999_999]}, "stop_token_ids"),
+        ("completions", {"logit_bias": {"999999": 5}}, "logit_bias"),
+        ("completions", {"logit_bias": {"-5": 5}}, "logit_bias"),
+        ("completions", {"frobnicate": 1}, "frobnicate"),  # the JSON's shape: pydantic's check
+        ("completions", {"n": "two"}, "n"),
     ],
 )
-def test_bad_requests_are_400s_naming_the_field(server, body, param):
-    r = httpx.post(server + "/v1/completions", json={"model": "tiny-r1", "prompt": "x", "max_tokens": 4, **body})
+def test_request_errors_are_400s_whose_param_is_the_requests_field(server, route, body, param):
+    base = {"completions": {"prompt": "x"}, "chat": {"messages": [{"role": "user", "content": "hi"}]}}[route]
+    path = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}[route]
+    r = httpx.post(server + path, json={"model": "tiny-r1", "max_tokens": 4, **base, **body})
     assert r.status_code == 400, r.text
     error = r.json()["error"]
-    assert error["type"] == "invalid_request_error" and param in (error["param"] or "") + error["message"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+
+
+def test_the_openapi_document_shows_sampling_params_ranges(server):
+    fields = httpx.get(server + "/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert fields["temperature"]["minimum"] == 0 and fields["top_p"] == {**fields["top_p"], "exclusiveMinimum": 0, "maximum": 1}
+    assert fields["logprobs"]["maximum"] == 20 and fields["max_tokens"]["minimum"] == 0
 
 
 def test_openai_client_error_classes(client, server):

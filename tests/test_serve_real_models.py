@@ -8,10 +8,10 @@ import pytest
 from chatml_models import chatml_think_dir, smol_dir
 from test_serve import start_server
 
-from r1kit.data.tokenizer import END_THINK, THINK, load_tokenizer
+from r1kit.tokenizer import END_THINK, THINK, load_tokenizer
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
-from r1kit.model import load_model
+from r1kit.checkpoints import load_model
 
 GREEDY_5 = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 

@@ -8,9 +8,12 @@ from devices import needs_cuda
 from torch import nn
 
 from r1kit import LLM, SamplingParams
-from r1kit.infer.weight_packing import SMALL_WEIGHT, FusedPackedLinear, PackedLinear, pack_linears, packing_supported
+from r1kit.infer.generate import generate
+from r1kit.infer.weight_packing import (SMALL_WEIGHT, FusedGateUpFFN, FusedPackedLinear, FusedQKVAttention, PackedLinear, pack_linears,
+                                        packing_supported)
 from r1kit.model import R1kitForCausalLM
-from r1kit.model.hf import load_model
+from r1kit.checkpoints import load_model
+from r1kit.model.transformer import specialize
 
 pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu"), torch.float32), reason="this torch build has no oneDNN packed linear")
 
@@ -56,7 +59,8 @@ def test_packed_model_logits_and_state_dict(tiny_config, tmp_path, attention):
     assert type(topk.up_proj) is nn.Linear and type(topk.down_proj) is nn.Linear and isinstance(topk.gate_proj, PackedLinear)
     assert isinstance(model.lm_head, PackedLinear)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    # q/k/v and gate/up each became one product; their plain modules are gone
+    # q/k/v and gate/up each became one product, in layers swapped for their fused variants; their plain modules are gone
+    assert isinstance(attn, FusedQKVAttention) and isinstance(mlp, FusedGateUpFFN) and type(topk) is not FusedGateUpFFN
     assert isinstance(attn.qkv_proj, FusedPackedLinear) and attn.qkv_proj.split_sizes == [32, 16, 16] and attn.q_proj is None
     assert isinstance(mlp.gate_up_proj, FusedPackedLinear) and mlp.up_proj is None and isinstance(mlp.down_proj, PackedLinear)
     with torch.inference_mode():
@@ -73,17 +77,18 @@ def test_packed_model_logits_and_state_dict(tiny_config, tmp_path, attention):
         assert torch.equal(v, state[k]), k
 
 
-def test_engine_packs_by_default_and_not_when_told(tiny_config):
+def test_engine_packs_its_copy_by_default_and_not_when_told(tiny_config):
     params = SamplingParams(temperature=0, max_tokens=6)
     prompt = [3, 1, 4, 1, 5, 9]
-    plain = R1kitForCausalLM(tiny_config()).eval()
-    packed = R1kitForCausalLM(tiny_config()).eval()
-    packed.load_state_dict(plain.state_dict())
-    off = LLM(plain, pack_weights=False, num_kv_blocks=8)
-    on = LLM(packed, num_kv_blocks=8)
-    assert not any(isinstance(m, PackedLinear) for m in plain.modules())
-    assert any(isinstance(m, PackedLinear) for m in packed.modules())
-    assert on.generate(prompt, params)[0].outputs[0].token_ids == off.generate(prompt, params)[0].outputs[0].token_ids
+    model = R1kitForCausalLM(tiny_config()).eval()
+    off = LLM(model, pack_weights=False, num_kv_blocks=8)
+    on = LLM(model, num_kv_blocks=8)
+    assert not any(isinstance(m, PackedLinear) for m in off.llm_engine.model.modules())
+    assert any(isinstance(m, PackedLinear) for m in on.llm_engine.model.modules())
+    assert isinstance(on.llm_engine.model.model.layers[0].self_attn, FusedQKVAttention)
+    assert not any(isinstance(m, (PackedLinear, FusedQKVAttention)) for m in model.modules())  # the caller's model is left alone
+    want = generate(model, prompt, params)  # the plain eager path over the untouched weights
+    assert on.generate(prompt, params)[0].outputs[0].token_ids == off.generate(prompt, params)[0].outputs[0].token_ids == want
 
 
 def test_fp16_and_int4_layers_are_not_packed(tiny_config):
@@ -116,6 +121,7 @@ def test_int4_qkv_and_gate_up_fuse_into_one_kernel_call(tiny_config):
         want_logits = model(tokens)
         parts = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
     pack_linears(model)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.qkv_proj, FusedInt4Linear) and isinstance(mlp.gate_up_proj, FusedInt4Linear)
     assert isinstance(attn.q_proj, Int4Linear) and attn.qkv_proj.split_sizes == [64, 32, 32]
     with torch.inference_mode():
@@ -142,6 +148,10 @@ def test_fusing_linears_with_and_without_bias_is_refused():
         FusedPackedLinear("qkv_proj", {"q_proj": nn.Linear(8, 8, bias=True), "k_proj": nn.Linear(8, 8, bias=False)})
 
 
+FUSIONS_BY_OWNER = (("self_attn", FusedQKVAttention, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                    ("mlp", FusedGateUpFFN, "gate_up_proj", ("gate_proj", "up_proj")))
+
+
 def _quantized(tiny_config, act_order=False):
     from r1kit.quant import QuantConfig, quantize_model, to_int4
 
@@ -166,13 +176,16 @@ def test_int4_parts_stack_into_one_layer_that_saves_as_its_parts(tiny_config):
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     with torch.inference_mode():
         want_logits, want_qkv = model(tokens), torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
-    for layer in model.model.layers:
-        for module, name, parts in ((layer.self_attn, "qkv_proj", ("q_proj", "k_proj", "v_proj")), (layer.mlp, "gate_up_proj", ("gate_proj", "up_proj"))):
+    for layer in model.model.layers:  # the swap pack_linears makes on a GPU
+        for owner, variant, name, parts in FUSIONS_BY_OWNER:
+            module = getattr(layer, owner)
             stacked = StackedInt4Linear.stack(name, {p: getattr(module, p) for p in parts})
             assert stacked is not None and stacked.backend == "dequant"
-            setattr(module, name, stacked)
+            fused = specialize(module, variant, **{name: stacked})
             for p in parts:
-                setattr(module, p, None)
+                setattr(fused, p, None)
+            setattr(layer, owner, fused)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert attn.qkv_proj.split_sizes == [64, 32, 32] and mlp.gate_up_proj.split_sizes == [128, 128]
     with torch.inference_mode():
         torch.testing.assert_close(attn.qkv_proj(x), want_qkv, rtol=0, atol=1e-6)

@@ -1,6 +1,6 @@
-"""Where a model runs: the one check of a device a user names (a CLI's ``--device``, ``LLM(device=)``,
-``train.device``), so a typo or a GPU that is not there is a clear error up front, not a failure
-deep inside the first tensor move."""
+"""Where a model runs and in which dtype: the one check of a device or dtype a user names (a CLI's
+``--device``/``--dtype``, ``LLM(device=, dtype=)``, ``train.device``), so a typo or a GPU that is not
+there is a clear error up front, not a failure deep inside the first tensor move."""
 
 from __future__ import annotations
 
@@ -27,3 +27,20 @@ def resolve_device(name: str | torch.device, what: str = "device") -> torch.devi
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"{what}={name!r}, but only {torch.cuda.device_count()} GPU(s) are visible (cuda:0 ...)")
     return device
+
+
+# the weight dtypes r1kit loads and saves, by the names config.json's torch_dtype and --dtype use
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # what a dtype setting accepts; auto: the checkpoint's own
+
+
+def resolve_dtype(name_or_dtype: str | torch.dtype | None, setting_name: str = "dtype") -> torch.dtype | None:
+    """The torch dtype a setting means; None for ``auto`` (or None): keep the checkpoint's. An unknown
+    name raises :class:`ConfigError` whose ``param`` is ``setting_name`` (``--dtype``, ``dtype``)."""
+    if isinstance(name_or_dtype, torch.dtype) or name_or_dtype is None:
+        return name_or_dtype
+    if name_or_dtype == "auto":
+        return None
+    if name_or_dtype not in DTYPES:
+        raise ConfigError(f"{setting_name}={name_or_dtype!r} must be one of {list(DTYPE_CHOICES)}", param=setting_name)
+    return DTYPES[name_or_dtype]

@@ -2,7 +2,16 @@
 
 
 class R1kitError(ValueError):
-    """Base class: bad input that a user can fix (the CLI prints the message without a traceback)."""
+    """Base class: bad input that a user can fix (the CLI prints the message without a traceback).
+
+    ``param`` names the setting or request field at fault, where there is one (``temperature``,
+    ``--dtype``): the HTTP API reports it as the error's OpenAI ``param``, so no caller has to guess
+    the field from the message. Callers that pass only a message get ``param=None``.
+    """
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class ConfigError(R1kitError):

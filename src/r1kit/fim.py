@@ -16,11 +16,7 @@ from r1kit.errors import ConfigError
 
 
 class FimError(ConfigError):
-    """A FIM prompt cannot be built; ``field`` is the request field at fault (``prompt`` or ``suffix``)."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
+    """A FIM prompt cannot be built; ``param`` is the request field at fault (``prompt`` or ``suffix``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +38,7 @@ class FimStyle:
         for field, text in (("prompt", prefix), ("suffix", suffix)):
             found = next((m for m in self.markers if m in text), None)
             if found is not None:
-                raise FimError(f"{field} contains {found!r}, this model's {self.name} FIM marker; remove it from the text", field)
+                raise FimError(f"{field} contains {found!r}, this model's {self.name} FIM marker; remove it from the text", param=field)
         return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
 
 

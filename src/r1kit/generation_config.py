@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from r1kit.errors import CheckpointError, ConfigError
+from r1kit.infer.sampling import RANGES
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,17 @@ class GenerationConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], where: str = FILE) -> GenerationConfig:
         """Validate the known fields of a parsed file; errors name ``where``, the field and the fix."""
-        def bad(name: str, want: str) -> ConfigError:
-            return ConfigError(f"{where}: {name}={raw[name]!r} must be {want}; fix the file or pass --generation-config none")
+        def bad(name: str, want: object) -> ConfigError:
+            return ConfigError(f"{where}: {name}={raw[name]!r} must be {want}; fix the file or pass --generation-config none", param=name)
 
-        def number(name: str, ok, want: str, integer: bool = False):
-            value = raw.get(name)
+        def number(name: str):
+            """The file's value of a sampling field, checked against the range ``SamplingParams`` takes."""
+            value, allowed = raw.get(name), RANGES[SAMPLING_FIELDS[name]]
             if value is None:
                 return None
-            kind = int if integer else (int, float)
-            if isinstance(value, bool) or not isinstance(value, kind) or not ok(value):
-                raise bad(name, want)
-            return value if integer else float(value)
+            if value not in allowed:
+                raise bad(name, allowed)
+            return value if allowed.integer else float(value)
 
         eos = raw.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) and not isinstance(eos, bool) else eos
@@ -74,12 +75,12 @@ class GenerationConfig:
         if do_sample is not None and not isinstance(do_sample, bool):
             raise bad("do_sample", "true or false")
         return cls(
-            temperature=number("temperature", lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
-            top_k=number("top_k", lambda v: v >= -1, "an integer >= -1 (0 or -1: off)", integer=True),
-            top_p=number("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
-            min_p=number("min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-            repetition_penalty=number("repetition_penalty", lambda v: v > 0, "a number > 0 (1 is off)"),
-            max_new_tokens=number("max_new_tokens", lambda v: v >= 1, "an integer >= 1", integer=True),
+            temperature=number("temperature"),
+            top_k=number("top_k"),
+            top_p=number("top_p"),
+            min_p=number("min_p"),
+            repetition_penalty=number("repetition_penalty"),
+            max_new_tokens=number("max_new_tokens"),
             eos_token_id=tuple(eos_ids),
             do_sample=do_sample,
         )

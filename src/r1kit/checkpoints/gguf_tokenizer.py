@@ -541,7 +541,7 @@ def _scores(tokens: list[str], merges: list[list[str]]) -> list[float]:
 def _chat_template(model_dir: Path, tokens: list[str]) -> str | None:
     """The template r1kit itself would chat with: the directory's own, else r1kit's default when the
     vocabulary has the role tokens that default uses."""
-    from r1kit.data.tokenizer import ASSISTANT, SYSTEM, USER
+    from r1kit.tokenizer import ASSISTANT, SYSTEM, USER
     from r1kit.serve.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 
     source = ChatTemplate.from_model_dir(model_dir).source

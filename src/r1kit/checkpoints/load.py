@@ -25,6 +25,8 @@ def resolve_model(model: str | Path) -> Path:
         from r1kit.checkpoints.gguf_convert import gguf_view
 
         return gguf_view(path)
+    if path.is_absolute() or str(model).startswith((".", "~")) or path.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{path} does not exist; give a model directory (config.json + weights), a .gguf file or a pulled model name")
     from r1kit.checkpoints.pull import cached_pull
 
     found = cached_pull(str(model))
@@ -38,10 +40,13 @@ def resolve_model(model: str | Path) -> Path:
 def load_model(model: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """The r1kit model of any checkpoint :func:`resolve_model` accepts."""
     from r1kit.checkpoints.gguf_convert import load_gguf_model, view_source
-    from r1kit.model.hf import load_model as load_directory
+    from r1kit.model.hf import load_model as load_float
+    from r1kit.quant.checkpoint import is_gptq_checkpoint, load_quantized
 
     folder = resolve_model(model)
     source = view_source(folder)
     if source is not None:
         return load_gguf_model(source, dtype=dtype, device=device)
-    return load_directory(folder, dtype=dtype, device=device)
+    if is_gptq_checkpoint(folder):  # GPTQ weights load into int4 layers (r1kit.quant)
+        return load_quantized(folder, dtype=dtype, device=device)
+    return load_float(folder, dtype=dtype, device=device)

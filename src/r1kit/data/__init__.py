@@ -5,6 +5,5 @@ Light on import: the stage libraries load only when a stage runs.
 
 from r1kit.data.config import PrepareConfig
 from r1kit.data.shards import ShardDataset
-from r1kit.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
-__all__ = ["PrepareConfig", "ShardDataset", "SPECIAL_TOKENS", "load_tokenizer"]
+__all__ = ["PrepareConfig", "ShardDataset"]

@@ -1,4 +1,4 @@
-"""Stage 6, augmentation (optional): synonym substitution and number perturbation, as marked copies.
+"""The augment stage of `r1kit prepare` (optional): synonym substitution and number perturbation, as marked copies.
 
 The seed scales numbers by 1.2 and prints floats such as ``3.5999999999999996``; here integers stay
 integers and decimals keep their number of decimal places, so the text stays valid. Code is never

@@ -1,4 +1,4 @@
-"""Stages 2 and 3 as one worker task: normalize a chunk of raw documents and filter their language.
+"""The clean stage's normalize and language steps as one worker task: normalize a chunk of raw documents and filter their language.
 
 Runs inside worker processes (local pool or Dask), so it takes and returns plain picklable data and
 must never touch the output folder: the driver writes what it returns, in input order.

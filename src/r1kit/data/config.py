@@ -1,6 +1,6 @@
 """`PrepareConfig`: every option of `r1kit prepare`, typed and validated when it is built.
 
-Each field is also a command-line flag (see ``r1kit.data.cli``). This module must never import the
+Each field is also a command-line flag (see ``r1kit.cli.prepare``). This module must never import the
 heavy stage libraries (datasketch, lingua, tokenizers, dask): ``r1kit prepare --help`` reads it.
 """
 

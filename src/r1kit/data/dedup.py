@@ -1,4 +1,4 @@
-"""Stage 4, deduplication: exact (content hash), then near-duplicates (MinHash + LSH + exact Jaccard).
+"""The dedup stage of `r1kit prepare`: exact (content hash), then near-duplicates (MinHash + LSH + exact Jaccard).
 
 LSH only proposes candidates; a document is dropped only when its true Jaccard similarity with an
 earlier kept document, computed on the full shingle sets, reaches the threshold. Bands x rows are
@@ -68,7 +68,7 @@ def signature_chunk(texts: list[str], num_perm: int, shingle: str, size: int) ->
     template = _template(num_perm)
     out = []
     for text in texts:
-        # xxh32 as the base hash: ~3.5x faster than datasketch's default sha1, and as well mixed
+        # xxh32 as the base hash: much cheaper than datasketch's default sha1, and as well mixed (docs/data.md)
         m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, permutations=template.permutations, scheme=MINHASH_SCHEME,
                     hashfunc=xxhash.xxh32_intdigest)
         m.update_batch([s.encode("utf-8") for s in shingles(text, shingle, size)])

@@ -1,4 +1,4 @@
-"""Stage 3, language id: which language a text is in, with a confidence, offline.
+"""Language id (the clean stage's language step): which language a text is in, with a confidence, offline.
 
 Uses ``lingua-language-detector`` (models ship inside the wheel: no download; Rust core: fast).
 Code is not run through the detector: it passes by file type. This module must never fetch anything
@@ -17,8 +17,8 @@ STAGE = "language"
 def _detector():
     from lingua import LanguageDetectorBuilder
 
-    # low-accuracy mode scores trigrams only: ~10x faster and ~10x less memory than the full mode,
-    # and as accurate on the document-length texts the pipeline sees (short texts are the weak spot)
+    # low-accuracy mode scores trigrams only: far faster and smaller than the full mode, and as
+    # accurate on the document-length texts the pipeline sees (short texts are the weak spot)
     return LanguageDetectorBuilder.from_all_languages().with_low_accuracy_mode().build()
 
 

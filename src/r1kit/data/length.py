@@ -1,6 +1,6 @@
-"""Stage 5, length filter: keep documents whose token count lies in [min_tokens, max_tokens].
+"""The length stage of `r1kit prepare`: keep documents whose token count lies in [min_tokens, max_tokens].
 
-Counting runs in workers (``tokenizer.count_chunk``); this module decides and summarises the
+Counting runs in workers (:func:`r1kit.tokenizer.encode_chunk`); this module decides and summarises the
 lengths for the report. It must never count with anything but the project tokenizer.
 """
 

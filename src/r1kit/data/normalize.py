@@ -1,4 +1,4 @@
-"""Stage 2, normalize: turn raw bytes or text into clean Unicode text, or say why it is not text.
+"""Normalize (the clean stage's first step): turn raw bytes or text into clean Unicode text, or say why it is not text.
 
 Decodes strict UTF-8, repairs mojibake with ``ftfy``, applies Unicode NFC and strips control
 characters. It must never change what a text says: no quote uncurling, no full-width folding
@@ -34,7 +34,7 @@ def normalize(payload: bytes | str) -> tuple[str | None, str, str]:
         except UnicodeDecodeError as exc:
             return None, "invalid_utf8", f"byte {exc.start}: {exc.reason}"
     text = payload.replace("\r\n", "\n").replace("\r", "\n")
-    # ftfy works line by line in Python (~1 MB/s); its own mojibake detector, one regex over the
+    # ftfy works line by line in Python, slowly; its own mojibake detector, one regex over the
     # whole text, lets the clean majority skip it
     if is_bad(text):
         text = ftfy.fix_text(text, _FIXER)

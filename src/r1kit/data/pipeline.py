@@ -32,11 +32,29 @@ from r1kit.data.records import (Doc, Drop, JsonlWriter, TokenWriter, iter_docs, 
                                 write_json)
 from r1kit.data.report import write_report
 from r1kit.data.shards import FORMAT, INDEX, SPLITS, ShardCheckpoint, ShardWriter, dtype_for, split_of
-from r1kit.data.tokenizer import BOS, EOS, encode_chunk, load_tokenizer, train_tokenizer, with_special_tokens
+from r1kit.errors import ConfigError, R1kitError
+from r1kit.tokenizer import BOS, EOS, encode_chunk, load_tokenizer, train_tokenizer, with_special_tokens
 
 STAGES = ("clean", "dedup", "tokenizer", "length", "augment", "shards")
 CLEAN_STAGES = ("read", "normalize", "language")
 CHUNK_BYTES = 4 << 20  # a chunk also closes at 4 MiB, so one huge file never stalls a worker long
+# Stages that drop documents: each must keep at least one, or the corpus is empty from there on.
+FILTER_STAGES = ("clean", "dedup", "length")
+# What to change when one drop reason removed the most documents of a stage that kept none.
+_EMPTY_HINTS = {
+    "unsupported_type": "add the files' extension to --text-extensions or --code-extensions",
+    "missing_field": "set --text-field to the field that holds the text",
+    "missing_column": "set --text-field to the column that holds the text",
+    "special_file": "pass regular files or folders of them",
+    "unreadable": "check that the files exist and can be read",
+    "language": "add the corpus' language to --languages or lower --language-threshold",
+    "too_short": "lower --min-tokens",
+    "too_long": "raise --max-tokens",
+}
+
+
+class EmptyCorpusError(R1kitError):
+    """Every document was dropped (or none was found): there is nothing to train on."""
 
 
 class Run:
@@ -80,12 +98,13 @@ class Run:
 
 def run_prepare(cfg: PrepareConfig, engine: Engine | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the report, also written to ``<output>/report.json``."""
+    _preflight(cfg)
     run = Run(cfg, engine, log)
     try:
         rerun_rest = False
         for stage in STAGES:
             stats_path = run.dir(stage) / "stats.json"
-            if not rerun_rest and stats_path.is_file() and read_json(stats_path).get("fingerprint") == run.fingerprint:
+            if not rerun_rest and _finished(stats_path, run.fingerprint):
                 log(f"prepare: {stage}: done earlier, reused")
                 continue
             rerun_rest = True  # a stage that runs again invalidates everything after it
@@ -93,6 +112,8 @@ def run_prepare(cfg: PrepareConfig, engine: Engine | None = None, log: Callable[
                 leftover.unlink()
             started = time.perf_counter()
             stats = _STAGE_FUNCS[stage](run)
+            if stage in FILTER_STAGES and not stats["kept"]:
+                raise EmptyCorpusError(_empty_message(run, stage, stats))
             stats.update(stage=stage, fingerprint=run.fingerprint, seconds=round(time.perf_counter() - started, 3))
             write_json(stats_path, stats)
             log(f"prepare: {stage}: {_summary(stats)}")
@@ -100,6 +121,40 @@ def run_prepare(cfg: PrepareConfig, engine: Engine | None = None, log: Callable[
                             [run.dir(s) / "drops.jsonl" for s in STAGES])
     finally:
         run.close()
+
+
+def _preflight(cfg: PrepareConfig) -> None:
+    """Fail now on what would otherwise fail only after the long clean and dedup passes."""
+    if Path(cfg.output).exists() and not Path(cfg.output).is_dir():
+        raise ConfigError(f"--output {cfg.output!r} exists and is not a folder: move it away or choose another --output")
+    if cfg.tokenizer:
+        load_tokenizer(cfg.tokenizer)  # raises, naming the path, when it is missing or not a tokenizer.json
+
+
+def _finished(stats_path: Path, fingerprint: str) -> bool:
+    """Whether a stage finished for this fingerprint; an unreadable mark (a dead disk) means run it again."""
+    try:
+        return read_json(stats_path).get("fingerprint") == fingerprint
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _empty_message(run: Run, stage: str, stats: dict[str, Any]) -> str:
+    """Which stage dropped everything, for which reasons, and what to change."""
+    if not stats["in"]:
+        where = ", ".join(run.cfg.inputs) or "the embedded corpus"
+        return f"no documents found in {where}: pass files or folders holding .txt/.md/code, .jsonl or .parquet"
+    reasons = collections.Counter()
+    for sub, counter in stats.get("substages", {}).items():
+        reasons.update({(sub, reason): n for reason, n in counter["dropped"].items()})
+    why = ", ".join(f"{sub}/{reason}: {n}" for (sub, reason), n in reasons.most_common())
+    (_, top), _ = reasons.most_common(1)[0]
+    hint = _EMPTY_HINTS.get(top, "check the inputs and the options of that stage")
+    if top == "too_short":
+        hint += f" (it is {run.cfg.min_tokens})"
+    count = f"{stats['in']} document" + ("s" if stats["in"] > 1 else "")
+    return (f"the {stage} stage dropped all {count} ({why}), so there is nothing to train on; "
+            f"{hint}. Every dropped document and why: {run.dir(stage) / 'drops.jsonl'}")
 
 
 def _summary(stats: dict[str, Any]) -> str:
@@ -110,7 +165,7 @@ def _fingerprint(cfg: PrepareConfig) -> str:
     """Config + what the inputs are (path, size, modification time): a change in either reruns all."""
     h = hashlib.sha256(cfg.fingerprint().encode())
     if cfg.inputs:
-        for path in readers.list_files(cfg.inputs):
+        for path in readers.list_files(cfg.inputs, exclude=cfg.output):
             try:
                 st = os.stat(path)
                 h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -150,7 +205,7 @@ def _clean(run: Run) -> dict[str, Any]:
     cfg = run.cfg
     stats: dict[str, Any] = {"bytes": 0}
     counters = {s: _counter(stats, s) for s in CLEAN_STAGES}
-    raw = readers.iter_inputs(cfg.inputs, cfg.text_field, cfg.text_extensions, cfg.code_extensions)
+    raw = readers.iter_inputs(cfg.inputs, cfg.text_field, cfg.text_extensions, cfg.code_extensions, cfg.output)
 
     def sized(item: Any) -> int:
         size = len(item.payload) if isinstance(item, readers.RawDoc) else 0
@@ -368,6 +423,7 @@ def _shards(run: Run) -> dict[str, Any]:
     index = {"format": FORMAT, "dtype": dtype.name, "vocab_size": vocab_size, "bos_id": bos, "eos_id": eos,
              "tokenizer": "../tokenizer.json", "seed": cfg.seed, "val_fraction": cfg.val_fraction,
              "splits": {s: w.close() for s, w in writers.items()}}
+    _check_splits(run, index["splits"])
     checkpoint.clear()
     write_json(tmp_dir / INDEX, index)
     final = run.out / "shards"
@@ -377,6 +433,19 @@ def _shards(run: Run) -> dict[str, Any]:
               for s, e in index["splits"].items()}
     stats.update(kept=stats["in"], dtype=dtype.name, vocab_size=vocab_size, languages=mix, splits=splits)
     return stats
+
+
+def _check_splits(run: Run, splits: dict[str, dict[str, Any]]) -> None:
+    """An empty train split is an error; an empty val split only a warning (training says what to do)."""
+    total = sum(e["documents"] for e in splits.values())
+    if not splits["train"]["documents"]:
+        raise EmptyCorpusError(
+            f"all {total} documents went to the val split (val_fraction={run.cfg.val_fraction}), none to train: "
+            "lower --val-fraction or add documents"
+        )
+    if not splits["val"]["documents"] and run.cfg.val_fraction:
+        run.log(f"prepare: warning: none of the {total} documents went to the val split (val_fraction="
+                f"{run.cfg.val_fraction}); training will need train.eval_every: 0, or raise --val-fraction")
 
 
 _STAGE_FUNCS: dict[str, Callable[[Run], dict[str, Any]]] = {

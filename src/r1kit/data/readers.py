@@ -1,9 +1,11 @@
-"""Stage 1a, read: stream raw documents out of folders, text/code files, ``.jsonl`` and ``.parquet``.
+"""Read (where the clean stage starts): stream raw documents out of folders, text/code files, ``.jsonl`` and ``.parquet``.
 
 The readers yield ``RawDoc`` (bytes or text still to be cleaned) or ``Drop`` (input that could not be
 read: unreadable file, a line that is not JSON or lacks the field, a parquet without the column).
 They must never load a whole file of many documents at once, and never raise on bad input files:
-bad input is counted, not fatal. A missing top-level input is a user error and raises.
+bad input is counted, not fatal. A missing top-level input is a user error and raises. Anything that
+is not a regular file (a FIFO, socket or device, a broken symlink) is dropped after a ``stat``,
+never opened: opening a FIFO blocks until a writer appears, reading a device may never end.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import ast
 import dataclasses
 import json
 import os
+import stat
 import sysconfig
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +26,8 @@ STAGE = "read"
 PARQUET_BATCH_ROWS = 1024
 # Standard-library folders that are tests or vendored third-party code, not the library itself.
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+_SPECIAL_KINDS = {stat.S_IFIFO: "FIFO (named pipe)", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+                  stat.S_IFBLK: "block device"}
 
 
 @dataclasses.dataclass
@@ -37,39 +42,94 @@ class RawDoc:
 
 
 def iter_inputs(inputs: tuple[str, ...], text_field: str, text_exts: tuple[str, ...],
-                code_exts: tuple[str, ...]) -> Iterator[RawDoc | Drop]:
-    """Every document of ``inputs`` (files or folders, walked in sorted order), or the embedded corpus."""
+                code_exts: tuple[str, ...], output: str | None = None) -> Iterator[RawDoc | Drop]:
+    """Every document of ``inputs`` (files or folders, walked in sorted order), or the embedded corpus.
+
+    ``output`` is prepare's output folder: never read, so a re-run does not eat its own shards.
+    """
     if not inputs:
         yield from iter_embedded()
         return
     for item in inputs:
         if not os.path.exists(item):
             raise ConfigError(f"input {item!r} does not exist; pass existing files or folders (or none for the embedded corpus)")
-    errors: list[OSError] = []
-    for path in list_files(inputs, errors):
+        if output and _inside(item, output):
+            raise ConfigError(f"input {item!r} is inside the output folder {output!r}, which prepare overwrites; "
+                              "move the input or choose another --output")
+    skipped: list[Drop] = []
+    for path in list_files(inputs, skipped, output):
         yield from iter_file(path, text_field, text_exts, code_exts)
-    for exc in errors:  # folders that could not be listed
-        where = str(exc.filename)
-        yield Drop(where, where, None, STAGE, "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+    yield from skipped
 
 
-def list_files(inputs: tuple[str, ...], errors: list[OSError] | None = None) -> list[str]:
+def list_files(inputs: tuple[str, ...], skipped: list[Drop] | None = None, exclude: str | None = None) -> list[str]:
     """The files under ``inputs`` in a stable order (the order decides which duplicate is kept).
 
-    Folders that cannot be listed are appended to ``errors`` when given.
+    Symlinked folders are followed, each real folder once, so a link back to an ancestor cannot
+    loop; the folder ``exclude`` is not entered. Folders not entered or not listable are appended
+    to ``skipped`` as drops when given.
     """
     files: list[str] = []
+    seen: dict[tuple[int, int], str] = {}
+
+    def note(where: str, reason: str, detail: str) -> None:
+        if skipped is not None:
+            skipped.append(Drop(where, where, None, STAGE, reason, detail))
+
+    def enter(folder: str) -> bool:
+        if exclude and _inside(folder, exclude):
+            note(folder, "output_folder", "prepare's own output folder is not read as input")
+            return False
+        try:
+            st = os.stat(folder)
+        except OSError:
+            return True  # os.walk reports it through onerror
+        first = seen.setdefault((st.st_dev, st.st_ino), folder)
+        if first != folder:
+            note(folder, "repeated_folder", f"the same folder as {first} (a symlink loop or a second link): read once")
+        return first == folder
+
+    def unlistable(exc: OSError) -> None:
+        note(str(exc.filename), "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}")
+
     for item in inputs:
-        if os.path.isdir(item):
-            for root, dirs, names in os.walk(item, onerror=None if errors is None else errors.append):
-                dirs.sort()
-                files.extend(os.path.join(root, n) for n in sorted(names))
-        else:
+        if not os.path.isdir(item):
             files.append(item)
+        elif enter(item):
+            for root, dirs, names in os.walk(item, onerror=unlistable, followlinks=True):
+                dirs[:] = [d for d in sorted(dirs) if enter(os.path.join(root, d))]
+                files.extend(os.path.join(root, n) for n in sorted(names))
     return files
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or under it, symlinks resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _not_a_file(path: str) -> tuple[str, str] | None:
+    """(reason, detail) when ``path`` is not a regular file that can be opened without blocking, else None.
+
+    Only ``stat`` is used: the path is never opened.
+    """
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks: a link to a regular file is read
+    except OSError as exc:
+        link = " (a broken or looping symbolic link)" if os.path.islink(path) else ""
+        return "unreadable", f"{type(exc).__name__}: {exc.strerror or exc}{link}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = _SPECIAL_KINDS.get(stat.S_IFMT(mode), "special file")
+    return "special_file", f"a {kind} is not a file of documents: skipped unopened (reading it could block or never end)"
+
+
 def iter_file(path: str, text_field: str, text_exts: tuple[str, ...], code_exts: tuple[str, ...]) -> Iterator[RawDoc | Drop]:
+    """The documents of one input file, or one ``Drop`` saying why it was not read."""
+    skip = _not_a_file(path)
+    if skip is not None:
+        yield Drop(path, path, None, STAGE, *skip)
+        return
     suffix = Path(path).suffix.lower()
     try:
         if suffix == ".jsonl":

@@ -8,6 +8,7 @@ in memory, and never leave a half-written file under its final name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,7 +61,8 @@ class AtomicWriter:
     """Write a file under a temporary name and rename it into place on ``commit``.
 
     Used as a context manager: leaving the block by an exception deletes the temporary file, so a
-    crashed stage leaves nothing that a resumed run could mistake for finished output.
+    crashed stage leaves nothing that a resumed run could mistake for finished output. A commit that
+    fails (a full disk often shows only at the final flush) deletes it too.
     """
 
     def __init__(self, path: str | Path, mode: str = "w"):
@@ -70,10 +72,20 @@ class AtomicWriter:
         self.file = open(self.tmp, mode, encoding=None if "b" in mode else "utf-8")
 
     def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+
+    def discard(self) -> None:
+        """Close and delete the temporary file; the final name is left as it was."""
+        with contextlib.suppress(OSError):  # closing retries the flush that just failed
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> AtomicWriter:
         return self
@@ -82,8 +94,7 @@ class AtomicWriter:
         if exc_type is None:
             self.commit()
         else:
-            self.file.close()
-            self.tmp.unlink(missing_ok=True)
+            self.discard()
 
 
 class JsonlWriter(AtomicWriter):

@@ -1,4 +1,4 @@
-"""Stage 9, report: what each stage kept and dropped, why, how fast, and what the corpus looks like.
+"""The prepare report: what each stage kept and dropped, why, how fast, and what the corpus looks like.
 
 Writes ``report.json`` (machine-readable), ``dropped.jsonl`` (every dropped document with its source,
 line/row, stage, reason and, for a duplicate, the document it duplicates) and ``lengths.png`` (the

@@ -1,4 +1,4 @@
-"""Stage 8, shards: token ids packed into fixed-size binary files, and the reader training uses.
+"""The shards stage of `r1kit prepare`: token ids packed into fixed-size binary files, and the reader training uses.
 
 Layout of a shard folder: ``index.json`` (dtype, vocabulary size, and per split the shard files and
 every document's id, offset and token count) and ``<split>-NNNNN.bin`` files of raw little-endian
@@ -205,17 +205,25 @@ class ShardCheckpoint:
         self.number = 0
 
     def load(self, writers: dict[str, ShardWriter]) -> dict[str, Any] | None:
-        """Restore ``writers`` and return the saved extras, or start clean (None)."""
-        saved = read_json(self.path) if self.path.is_file() else None
-        if saved is None or saved["fingerprint"] != self.fingerprint:
-            shutil.rmtree(self.directory, ignore_errors=True)
-            self.directory.mkdir(parents=True)
-            return None
-        self.number = saved["number"]
-        for split, writer in writers.items():
-            partial = np.fromfile(self._partial(split, self.number), dtype=writer.dtype)
-            writer.restore(saved["writers"][split], partial)
-        return saved["extra"]
+        """Restore ``writers`` and return the saved extras, or start clean (None).
+
+        A checkpoint that cannot be read back whole (a disk that failed under it) also starts clean:
+        the stage is redone, never resumed from half a state.
+        """
+        try:
+            saved = read_json(self.path) if self.path.is_file() else None
+            if saved is not None and saved["fingerprint"] == self.fingerprint:
+                partials = {split: self._read_back(split, saved["number"], saved["writers"][split], writer.dtype)
+                            for split, writer in writers.items()}
+                for split, writer in writers.items():  # only once every split has read back whole
+                    writer.restore(saved["writers"][split], partials[split])
+                self.number = saved["number"]
+                return saved["extra"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.directory.mkdir(parents=True)
+        return None
 
     def save(self, writers: dict[str, ShardWriter], extra: dict[str, Any]) -> None:
         self.number += 1
@@ -231,6 +239,18 @@ class ShardCheckpoint:
         self.path.unlink(missing_ok=True)
         for split in SPLITS:
             self._partial(split, self.number).unlink(missing_ok=True)
+
+    def _read_back(self, split: str, number: int, state: dict[str, Any], dtype: np.dtype) -> np.ndarray:
+        """The partial shard of ``split``, once it and the split's full shards have the sizes ``state`` says."""
+        for shard in state["shards"]:
+            size = (self.directory / shard["file"]).stat().st_size
+            if size != shard["tokens"] * dtype.itemsize:
+                raise ValueError(f"{shard['file']} has {size} bytes, its checkpoint says {shard['tokens']} tokens")
+        partial = np.fromfile(self._partial(split, number), dtype=dtype)
+        expected = state["total"] - sum(s["tokens"] for s in state["shards"])
+        if partial.size != expected:
+            raise ValueError(f"partial shard {split} has {partial.size} tokens, its checkpoint says {expected}")
+        return partial
 
     def _partial(self, split: str, number: int) -> Path:
         return self.directory / f"{split}.partial-{number}"

@@ -57,7 +57,8 @@ class PagedDecodeKernel:
                  contexts: torch.Tensor, lowest: torch.Tensor, block_size: int) -> torch.Tensor:
         """``q`` [S, Hq, 1, D] (one token per sequence), pools [slots, Hkv, D], ``tables`` int64 [S, W]
         block ids, ``contexts``/``lowest`` int64 [S]: row ``s`` attends to positions
-        ``[lowest[s], contexts[s])``. Returns [S, Hq, 1, D] in ``q``'s dtype."""
+        ``[lowest[s], contexts[s])`` (a local layer's ``lowest`` is the model's
+        :func:`~r1kit.model.attention.window_start` of the query's position). Returns [S, Hq, 1, D] in ``q``'s dtype."""
         seqs, hq, _, dim = q.shape
         hkv = k_pool.shape[1]
         for t, what in ((k_pool, "k_pool"), (v_pool, "v_pool"), (tables, "tables"), (contexts, "contexts"), (lowest, "lowest")):

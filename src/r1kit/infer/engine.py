@@ -5,11 +5,12 @@
 cache, samples, detokenizes, checks stop conditions and returns a ``RequestOutput`` for every
 request that moved; ``abort(request_id)`` drops a request and frees its blocks at once.
 :class:`r1kit.infer.llm.LLM` is the offline, vLLM-shaped wrapper over this class.
-The engine owns the cache; the model only sees a cache view per forward.
+The engine owns the cache and its own copy of the model; the model only sees a cache view per forward.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import time
@@ -29,6 +30,7 @@ from r1kit.infer.sampling import SamplingParams
 from r1kit.infer.scheduler import Scheduler
 from r1kit.infer.weight_packing import pack_linears
 from r1kit.infer.sequence import Sequence
+from r1kit.model.attention import window_start
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,8 @@ class EngineConfig:
     kv_cache_fraction: float = 0.2
     num_kv_blocks: int | None = None  # exact pool size (overrides the memory budget)
     enable_prefix_caching: bool = True
-    # CPU, in place: linear weights re-laid-out for oneDNN (r1kit.infer.weight_packing), RMSNorms in one
-    # C call each (r1kit.infer.native_norm)
+    # CPU, on the engine's copy of the model: linear weights re-laid-out for oneDNN
+    # (r1kit.infer.weight_packing), RMSNorms in one C call each (r1kit.infer.native_norm)
     pack_weights: bool = True
     # decode attention reads the paged pool in place: on the CPU a C kernel built on first use
     # (r1kit.infer.decode_attention), on CUDA a Triton one (r1kit.infer.triton_decode_attention); where
@@ -57,6 +59,22 @@ class EngineConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
             raise ConfigError(f"kv_cache_fraction={self.kv_cache_fraction} must be in (0, 1]")
+
+
+def prepare_model(model, pack_weights: bool):
+    """``model`` made ready for the engine, in place: eval mode, a float16 CPU model cast to bfloat16,
+    and with ``pack_weights`` its CPU fast paths swapped in (packed linears, native RMSNorms)."""
+    model.eval()
+    if model.device.type == "cpu" and model.dtype == torch.float16:
+        # as vLLM's CPU backend does: most CPUs have no fast float16 matmul, and the CPU kernels
+        # (oneDNN packing, int4, decode attention) take float32 or bfloat16; most GPTQ checkpoints
+        # from other tools say float16. bfloat16: the same size, float32's range.
+        log.warning("a float16 model on the CPU runs as bfloat16 (load it as float32, e.g. --dtype float32, to run that instead)")
+        model.to(torch.bfloat16)
+    if pack_weights:
+        pack_linears(model)
+        use_native_norms(model)
+    return model
 
 
 @dataclass
@@ -79,25 +97,21 @@ def free_memory(device: torch.device) -> int:
 
 
 class LLMEngine:
-    """The engine owns its model: on CPU it packs the model's linear layers and swaps its RMSNorms
-    for one-call ones in place (``EngineConfig.pack_weights``), so the model is for inference from
-    then on; a float16 model on the CPU is cast to bfloat16 in place first."""
+    """The engine runs its own copy of the model, ``self.model``: the caller's model is left as it was
+    (same modules, still trainable), at the cost of a second copy of its weights in memory (the size
+    of ``model``'s parameters and buffers; where the copy is packed, the packed weights replace the
+    copy's layer by layer). On CPU the copy's linear layers are packed and its RMSNorms swapped for
+    one-call ones (``EngineConfig.pack_weights``); a float16 model on the CPU runs as a bfloat16
+    copy. ``take_model=True`` hands the model over instead: no copy, and those changes are made to
+    ``model`` itself, which is then for this engine's inference only."""
 
-    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, think_token_ids: tuple[int, int] | None = None) -> None:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None, think_token_ids: tuple[int, int] | None = None,
+                 take_model: bool = False) -> None:
         self.config = config = config or EngineConfig()
         mc = model.config
         if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_global == "compressed":
             raise ConfigError("the engine does not support hybrid_global=compressed (no batched mask path); use hybrid_global=full or r1kit's reference generate")
-        self.model = model.eval()
-        if model.device.type == "cpu" and model.dtype == torch.float16:
-            # as vLLM's CPU backend does: most CPUs have no fast float16 matmul, and the CPU kernels
-            # (oneDNN packing, int4, decode attention) take float32 or bfloat16; most GPTQ checkpoints
-            # from other tools say float16. bfloat16: the same size, float32's range.
-            log.warning("a float16 model on the CPU runs as bfloat16 (load it as float32, e.g. --dtype float32, to run that instead)")
-            model.to(torch.bfloat16)
-        if config.pack_weights:
-            pack_linears(model)
-            use_native_norms(model)
+        self.model = model = prepare_model(model if take_model else copy.deepcopy(model), config.pack_weights)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_seq_len
         if self.max_model_len > mc.max_seq_len:
@@ -133,7 +147,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ConfigError(f"request id {request_id!r} is already in use")
         if params.n > self.config.max_num_seqs:
-            raise ConfigError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}: the completions of a request run together")
+            raise ConfigError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}: the completions of a request run together", param="n")
         text, ids = self.processor.tokenize(prompt)
         self.processor.validate(ids, params)
         window = self.model.config.window_for(len(ids))
@@ -190,7 +204,7 @@ class LLMEngine:
             seq.num_computed_tokens += n
             self.block_manager.register_computed(seq)
             if self.all_local:  # the next query (position num_computed) reaches back window - 1 positions
-                self.block_manager.free_before(seq, seq.num_computed_tokens - seq.window + 1)
+                self.block_manager.free_before(seq, window_start(seq.num_computed_tokens, seq.window))
             if seq.num_uncomputed == 0:
                 done_rows.append(row)
                 request = self.requests[seq.request_id]

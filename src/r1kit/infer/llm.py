@@ -14,20 +14,19 @@ this class only queues the prompts and steps the engine until they are done.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from r1kit.device import resolve_device
+from r1kit.device import resolve_device, resolve_dtype
 from r1kit.errors import ConfigError
 from r1kit.generation_config import GenerationConfig
 from r1kit.infer.engine import EngineConfig, LLMEngine
 from r1kit.infer.outputs import RequestOutput
 from r1kit.infer.processor import Prompt
 from r1kit.infer.sampling import SamplingParams
-
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class LLM:
@@ -46,8 +45,9 @@ class LLM:
         generation_config: str = "auto",
         **engine_args,
     ) -> None:
-        """``model``: a model directory, ``.gguf`` file or pulled model name (loaded onto ``device``, default the CPU) or an ``R1kitForCausalLM``
-        (moved to ``device`` when one is given); ``engine_args``: :class:`EngineConfig` fields
+        """``model``: a model directory, ``.gguf`` file or pulled model name (loaded onto ``device``, default
+        the CPU), or an ``R1kitForCausalLM``, which the engine copies (cast and moved to ``dtype``/``device``
+        when given): the caller's model is left as it was and can still train; ``engine_args``: :class:`EngineConfig` fields
         (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
         ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``);
         ``generation_config``: ``"auto"`` or ``"none"`` (only read for a model directory)."""
@@ -55,22 +55,20 @@ class LLM:
 
         model_dir = resolve_model(model) if isinstance(model, (str, Path)) else None
         self.generation_config = GenerationConfig.for_model(model_dir, generation_config)
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ConfigError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
-            dtype = DTYPES[dtype]
+        dtype = resolve_dtype(dtype)
+        owned = model_dir is not None or dtype is not None or device is not None  # a model nobody else holds
         if model_dir is not None:
-            from r1kit.data.tokenizer import load_tokenizer
+            from r1kit.tokenizer import load_tokenizer
 
             model = load_model(model_dir, dtype=dtype, device=device or "cpu")
             if tokenizer is None and (model_dir / "tokenizer.json").is_file():
                 tokenizer = load_tokenizer(model_dir)
-        elif dtype is not None or device is not None:
-            model = model.to(device=None if device is None else resolve_device(device), dtype=dtype)
+        elif owned:  # the caller's model keeps its dtype and device
+            model = copy.deepcopy(model).to(device=None if device is None else resolve_device(device), dtype=dtype)
         unknown = set(engine_args) - set(EngineConfig.__dataclass_fields__)
         if unknown:
             raise ConfigError(f"unknown LLM arguments {sorted(unknown)}; engine options are {sorted(EngineConfig.__dataclass_fields__)}")
-        self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args), think_token_ids)
+        self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args), think_token_ids, take_model=owned)
         self._extra_eos = self.generation_config.extra_stop_ids(self.llm_engine.special.eos, model.config.vocab_size)
 
     def get_tokenizer(self):

@@ -45,8 +45,8 @@ class ModelRunner:
         newest = view.last[torch.tensor(order, device=self.device).argsort()]  # each item's newest column, in items' order
         wants_all = [self._wants_all(seq) for seq, _ in items]
         if not any(wants_all):
-            return self.model(tokens[None], positions=view.positions, cache=view, window=view.window, select=newest)[0], [None] * len(items)
-        logits = self.model(tokens[None], positions=view.positions, cache=view, window=view.window)[0]
+            return self.model(tokens[None], cache=view, select=newest)[0], [None] * len(items)
+        logits = self.model(tokens[None], cache=view)[0]
         ends = newest.tolist()
         full = [logits[ends[i] - n + 1 : ends[i] + 1] if wants_all[i] else None for i, (_, n) in enumerate(items)]
         return logits[newest], full
@@ -57,7 +57,7 @@ class ModelRunner:
             self.pool, [s.block_table for s in seqs], [s.num_computed_tokens for s in seqs], [1] * len(seqs), [s.window for s in seqs], self.device
         )
         tokens = torch.tensor([[s.token_ids[s.num_computed_tokens]] for s in seqs], device=self.device)
-        return self.model(tokens, positions=view.positions, cache=view, window=view.window)[:, -1]
+        return self.model(tokens, cache=view)[:, -1]
 
     @staticmethod
     def _wants_all(seq: Sequence) -> bool:

@@ -4,7 +4,8 @@ PyTorch's CPU ``rms_norm`` is a composite of about ten operations; at decode a r
 their dispatch is the whole cost: ~14 µs a call, 25 calls a step on a 12-layer model, about a
 seventh of an int4 decode step (``benchmarks/bench_quant.py``). :func:`use_native_norms` swaps a
 model's :class:`~r1kit.model.transformer.RMSNorm` layers for :class:`NativeRMSNorm` in place (the
-engine does, with its weight packing); the weights stay the same parameters under the same names.
+engine does, on its own copy of the model, with its weight packing); the weights stay the same
+parameters under the same names.
 Where nothing can be built, the model keeps PyTorch's. Results match PyTorch's to within a float32
 rounding step (the compiler's fast reciprocal square root and its order of the sum of squares), and
 bfloat16 ones to within a bfloat16 step.

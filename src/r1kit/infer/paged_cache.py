@@ -4,14 +4,15 @@
 ``block_size`` consecutive slots). The engine hands the model a :class:`PackedBatch`: every
 scheduled sequence's new tokens side by side in one row of ``T`` tokens, decodes (one token each)
 first, then prefill chunks. The projections and FFNs run over the ``T`` real tokens (no padding);
-attention is the cache's business (the model's cache protocol, ``update`` then ``attend``), done per
-group by a :class:`PagedBatch`:
+attention is the cache's business (the model's :class:`~r1kit.model.cache.KVCacheView` protocol,
+``update`` then ``attend``), done per group by a :class:`PagedBatch`:
 
 * ``update(layer, k_new, v_new)`` writes the new tokens' K/V into their slots, then gathers each
   sequence's whole context from its blocks into a left-padded ``[B, Hkv, n, D]`` tensor;
-* ``attend(kind, q, k, v)`` runs attention under a mask built from per-sequence positions: causal,
-  padding excluded, and for local layers ``q_pos - k_pos < window`` with each sequence's own window
-  (windows are fixed per request at admission).
+* ``attend(layer, kind, q, k, v)`` runs attention under a mask built from per-sequence positions:
+  causal, padding excluded, and for local layers the model's window rule
+  (:func:`~r1kit.model.attention.window_mask`) with each sequence's own window (windows are fixed
+  per request at admission).
 
 The decode group's rows are single tokens, so moving them between the packed row and ``[B, ., 1, D]``
 is a view; only the prefill group is left-padded (a copy, small beside a prefill's compute). A step
@@ -31,7 +32,8 @@ from __future__ import annotations
 import torch
 
 from r1kit.config import ModelConfig
-from r1kit.model.attention import sdpa
+from r1kit.errors import ConfigError
+from r1kit.model.attention import sdpa, window_mask, window_start
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -59,6 +61,10 @@ class KVPool:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def _unsupported(kind: str) -> ConfigError:
+    return ConfigError(f"attention of kind {kind!r} (hybrid_global=compressed) is not supported with a batched (masked) cache; use hybrid_global=full")
+
+
 class _Layout:
     """Which positions the gathered keys hold: row ``b`` keeps positions ``[lowest[b], contexts[b])``,
     left-padded to a common width ``n``; ``k_pos`` is -1 on padding, ``read`` the pool slot of each column."""
@@ -75,10 +81,11 @@ class PagedBatch:
     """One forward's view of the pool: row ``b`` computes ``lengths[b]`` tokens from position ``starts[b]``.
 
     Global and hybrid layers get each row's whole context; local layers only the keys their window
-    can reach (from ``starts[b] - window + 1``), so their attention does not grow with the context. The
-    masks describe the keys of the latest ``update`` (the model asks for them right after it).
-    Every size and every yes/no the view needs is worked out from the Python lists: building one never
-    waits for the device (on a GPU each such read would be a synchronisation)."""
+    can reach (from :func:`~r1kit.model.attention.window_start` of the row's first query), so their
+    attention does not grow with the context. Which keys a layer's ``update`` returns, and so the
+    mask its ``attend`` uses, follows from the layer's kind alone: ``attend`` reads no state that an
+    ``update`` left. Every size and every yes/no the view needs is worked out from the Python lists:
+    building one never waits for the device (on a GPU each such read would be a synchronisation)."""
 
     def __init__(
         self,
@@ -108,7 +115,8 @@ class PagedBatch:
         self._slots = lambda pos: tables.gather(1, pos // bs) * bs + pos % bs
         # one token per row and a kernel that reads the pool in place: no gather, no mask
         self.direct = m == 1 and pool.decode_kernel is not None
-        self._tables, self._layer = tables, 0
+        self._fused = self.direct and hasattr(pool.decode_kernel, "rope_attend")  # the GPU's kernel has no fused call
+        self._tables = tables
 
         self.all_valid = all(n == m for n in lengths)
         slots = self._slots(self.positions).flatten()
@@ -121,15 +129,25 @@ class PagedBatch:
         # every sequence starts at 0 and is left-padded to the same width: the new K/V are the whole context
         self.fresh = all(s == 0 for s in starts)
         self.windows = torch.tensor(windows, device=device)
-        local_lowest = [max(0, s - w + 1) for s, w in zip(starts, windows)]
-        self._lowest = {"full": torch.zeros_like(starts_t), "local": torch.tensor(local_lowest, device=device)}
+        local_lowest = [window_start(s, w) for s, w in zip(starts, windows)]  # each row's first query's first key
+        # the first position each row's keys start from, by kind of attention (and of key layout)
+        self._lowest = {"global": torch.zeros_like(starts_t), "local": torch.tensor(local_lowest, device=device)}
         contexts = [s + n for s, n in zip(starts, lengths)]
-        self._widths = {"full": max(contexts), "local": max(c - low for c, low in zip(contexts, local_lowest))}
-        if not any(local_lowest):
-            self._lowest["local"] = self._lowest["full"]  # every window reaches position 0: one layout
+        self._widths = {"global": max(contexts), "local": max(c - low for c, low in zip(contexts, local_lowest))}
+        # the keys each layer's update returns; when every window reaches position 0, one layout serves all
+        shrinks = any(local_lowest)
+        self._layer_layout = ["local" if kind == "local" and shrinks else "global" for kind in pool.kinds]
         self._layouts: dict[str, _Layout] = {}
         self._masks: dict[tuple[str, str], torch.Tensor] = {}  # (layout, kind)
-        self._current = "full"
+
+    def next_positions(self, m: int, device: torch.device) -> torch.Tensor:
+        """Each row's positions [B, m] (padded query columns at 0)."""
+        if m != self.m:
+            raise ValueError(f"this view holds {self.m} new tokens per row, not {m}")
+        return self.positions
+
+    def advance(self, tokens: int) -> None:
+        """Nothing: a view serves one forward; the engine moves its sequences on."""
 
     def _layout(self, name: str) -> _Layout:
         layout = self._layouts.get(name)
@@ -145,13 +163,9 @@ class PagedBatch:
                 flat = flat.index_select(0, self.write_src)
             pool.index_copy_(0, self.write_dst, flat.to(pool.dtype))
         if self.direct:
-            self._layer = layer_idx
             return k, v  # attend() reads the pool, not these
-        name = "local" if self.pool.kinds[layer_idx] == "local" else "full"
-        if self._lowest[name] is self._lowest["full"]:
-            name = "full"
-        self._current = name
-        if self.fresh and name == "full":
+        name = self._layer_layout[layer_idx]
+        if self.fresh and name == "global":
             return k, v
         read = self._layout(name).read
         k_all = self.pool.k[layer_idx].index_select(0, read.flatten()).view(*read.shape, heads, dim).transpose(1, 2)
@@ -164,32 +178,35 @@ class PagedBatch:
         projection before the rotary embedding (see :meth:`~r1kit.infer.decode_attention.PagedDecodeKernel.rope_attend`):
         [B, 1, Hq·D]. None where the view has no such kernel (rows of several tokens, the GPU's kernel,
         a pool in another dtype): the model then takes the two-call path."""
-        kernel = self.pool.decode_kernel
-        if not self.direct or not hasattr(kernel, "rope_attend") or qkv.dtype != self.pool.k[layer_idx].dtype:
+        if not self._fused or qkv.dtype != self.pool.k[layer_idx].dtype:
             return None
-        lowest = self._lowest["local" if kind == "local" else "full"]
-        return kernel.rope_attend(qkv, cos, sin, self.pool.k[layer_idx], self.pool.v[layer_idx], self.write_dst, self._tables,
-                                  self.contexts, lowest, self.pool.block_size, num_heads)
+        return self.pool.decode_kernel.rope_attend(qkv, cos, sin, self.pool.k[layer_idx], self.pool.v[layer_idx], self.write_dst,
+                                                   self._tables, self.contexts, self._lowest[kind], self.pool.block_size, num_heads)
 
-    def attend(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention of ``kind`` over the keys the latest ``update`` returned (``k``, ``v``), or, for
-        one-token rows with the decode kernel, over the latest updated layer's keys in the pool."""
+    def attend(self, layer_idx: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of ``kind`` (``global`` or ``local``) over the keys layer ``layer_idx``'s ``update``
+        returned (``k``, ``v``), or, for one-token rows with the decode kernel, over that layer's keys
+        in the pool."""
         if self.direct:
-            lowest = self._lowest["local" if kind == "local" else "full"]
-            layer = self._layer
-            return self.pool.decode_kernel(q, self.pool.k[layer], self.pool.v[layer], self._tables, self.contexts, lowest, self.pool.block_size)
-        return sdpa(q, k, v, mask=self.attention_mask(kind))
+            lowest = self._lowest.get(kind)
+            if lowest is None:
+                raise _unsupported(kind)
+            return self.pool.decode_kernel(q, self.pool.k[layer_idx], self.pool.v[layer_idx], self._tables, self.contexts, lowest,
+                                           self.pool.block_size)
+        return sdpa(q, k, v, mask=self.attention_mask(self._layer_layout[layer_idx], kind))
 
-    def attention_mask(self, kind: str) -> torch.Tensor:
-        """[B, 1, m, n] boolean: which keys (of the latest ``update``) each query may see."""
-        key = (self._current, kind)
+    def attention_mask(self, layout_name: str, kind: str) -> torch.Tensor:
+        """[B, 1, m, n] boolean: which keys of layout ``layout_name`` each query may see in attention of ``kind``."""
+        key = (layout_name, kind)
         mask = self._masks.get(key)
         if mask is None:
-            layout = self._layout(self._current)
+            if kind not in self._lowest:
+                raise _unsupported(kind)
+            layout = self._layout(layout_name)
             q, k = self.q_pos[:, :, None], layout.k_pos[:, None, :]
             mask = (k >= 0) & (k <= q)
             if kind == "local":
-                mask &= q - k < self.windows[:, None, None]
+                mask &= window_mask(q, k, self.windows[:, None, None])
             last = torch.arange(layout.n, device=q.device) == layout.n - 1
             mask |= (q < 0) & last  # padded query rows see one key
             mask = self._masks[key] = mask[:, None]
@@ -226,7 +243,7 @@ class PackedBatch:
             parts.append(self.multi.positions.flatten()[self._valid])
         self.positions = torch.cat(parts)[None]
         self.last = torch.tensor(lengths, device=device).cumsum(0) - 1
-        self._kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kv: tuple[int, tuple | None, tuple | None] = (-1, None, None)  # the latest update: (layer, single's keys, multi's keys)
 
     # [1, H, T, D] <-> the groups' [B, H, m, D] layouts
     def _split(self, t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -238,21 +255,39 @@ class PackedBatch:
             multi = packed.index_select(1, self._pad_from).view(t.shape[1], rows, m, t.shape[-1]).transpose(0, 1)
         return single, multi
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        (ks, km), (vs, vm) = self._split(k), self._split(v)
-        if self.single is not None:
-            self._kv["single"] = self.single.update(layer_idx, ks, vs)
-        if self.multi is not None:
-            self._kv["multi"] = self.multi.update(layer_idx, km, vm)
-        return k, v  # attend() reads each group's gathered keys, not these
+    def next_positions(self, m: int, device: torch.device) -> torch.Tensor:
+        """The packed row's positions [1, T]."""
+        if m != self.positions.shape[1]:
+            raise ValueError(f"this view packs {self.positions.shape[1]} new tokens, not {m}")
+        return self.positions
 
-    def attend(self, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def advance(self, tokens: int) -> None:
+        """Nothing: a view serves one forward; the engine moves its sequences on."""
+
+    def rope_store_attend(self, layer_idx: int, kind: str, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          num_heads: int) -> None:
+        """None: the rows of a packed step take the two-call path."""
+        return None
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each group's ``update``; the groups' keys have different widths, so they are held here for
+        this layer's ``attend`` (the protocol's order: update, then attend of the same layer)."""
+        (ks, km), (vs, vm) = self._split(k), self._split(v)
+        single = self.single.update(layer_idx, ks, vs) if self.single is not None else None
+        multi = self.multi.update(layer_idx, km, vm) if self.multi is not None else None
+        self._kv = (layer_idx, single, multi)
+        return k, v  # attend() reads each group's keys, not these
+
+    def attend(self, layer_idx: int, kind: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        held, single, multi = self._kv
+        if held != layer_idx:
+            raise RuntimeError(f"attend() of layer {layer_idx} after update() of layer {held}: the cache protocol is update, then attend, per layer")
         qs, qm = self._split(q)
         outs = []
         if self.single is not None:
-            outs.append(self.single.attend(kind, qs, *self._kv["single"]).transpose(0, 2))
+            outs.append(self.single.attend(layer_idx, kind, qs, *single).transpose(0, 2))
         if self.multi is not None:
-            out = self.multi.attend(kind, qm, *self._kv["multi"])  # [Bm, H, m, D]
+            out = self.multi.attend(layer_idx, kind, qm, *multi)  # [Bm, H, m, D]
             heads, dim = out.shape[1], out.shape[-1]
             outs.append(out.transpose(0, 1).reshape(heads, -1, dim).index_select(1, self._valid)[None])
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

@@ -26,7 +26,7 @@ class Processor:
         self.hidden_ids = self._hidden_ids()
 
     def _special_ids(self, think_token_ids: tuple[int, int] | None) -> SpecialIds:
-        from r1kit.data.tokenizer import END_THINK, EOS, THINK
+        from r1kit.tokenizer import END_THINK, EOS, THINK
 
         eos = self.model_config.eos_token_id
         eos_ids = set(eos) if isinstance(eos, tuple) else ({eos} if eos is not None else set())
@@ -80,37 +80,41 @@ class Processor:
             if "prompt" in prompt:
                 prompt = prompt["prompt"]
             else:
-                raise ConfigError("a dict prompt needs 'prompt_token_ids' or 'prompt'")
+                raise ConfigError("a dict prompt needs 'prompt_token_ids' or 'prompt'", param="prompt")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ConfigError("a text prompt needs a tokenizer: load the LLM from a model directory with tokenizer.json, or pass token ids")
+                raise ConfigError("a text prompt needs a tokenizer: load the LLM from a model directory with tokenizer.json, or pass token ids", param="prompt")
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=True).ids
         return None, [int(t) for t in prompt]
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
+        """The checks of a request that depend on this model and tokenizer (``SamplingParams`` checked
+        the rest); errors name the request field at fault as ``param``."""
         vocab = self.model_config.vocab_size
         if not ids:
-            raise ConfigError("the prompt is empty: give at least one token")
+            raise ConfigError("the prompt is empty: give at least one token", param="prompt")
         if min(ids) < 0 or max(ids) >= vocab:
-            raise ConfigError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+            raise ConfigError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}", param="prompt")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
             raise ConfigError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the model's "
-                f"max_seq_len={self.max_model_len}; shorten the prompt or lower max_tokens"
+                f"max_seq_len={self.max_model_len}; shorten the prompt or lower max_tokens",
+                param="prompt" if len(ids) >= self.max_model_len else "max_tokens",  # the one to change
             )
         if -(-total // self.block_size) * self.block_size > self.capacity_tokens:
             raise ConfigError(
-                f"the KV cache holds {self.capacity_tokens} tokens, this request may need {total}; raise kv_cache_memory or lower max_tokens"
+                f"the KV cache holds {self.capacity_tokens} tokens, this request may need {total}; raise kv_cache_memory or lower max_tokens",
+                param="max_tokens",
             )
         if params.stop and self.tokenizer is None:
-            raise ConfigError("stop strings need a tokenizer; use stop_token_ids with token-id prompts")
+            raise ConfigError("stop strings need a tokenizer; use stop_token_ids with token-id prompts", param="stop")
         if params.thinking_budget is not None and self.special.think_end is None:
-            raise ConfigError("thinking_budget needs the </think> token: load a tokenizer that has it or pass think_token_ids")
+            raise ConfigError("thinking_budget needs the </think> token: load a tokenizer that has it or pass think_token_ids", param="thinking_budget")
         if params.stop_token_ids and (min(params.stop_token_ids) < 0 or max(params.stop_token_ids) >= vocab):
-            raise ConfigError(f"stop_token_ids must be in [0, {vocab})")
+            raise ConfigError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if params.logit_bias and (min(params.logit_bias) < 0 or max(params.logit_bias) >= vocab):
-            raise ConfigError(f"logit_bias token ids must be in [0, {vocab})")
+            raise ConfigError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
 
     def opens_reasoning(self, ids: list[int]) -> bool:
         """Whether ``ids`` end inside an open ``<think>`` (an R1 chat prompt ends with ``<think>\\n``), so

@@ -2,14 +2,14 @@
 
 Field names follow vLLM's ``SamplingParams`` so code written for it reads the same here. The
 defaults of ``r1kit generate``, where the model's ``generation_config.json`` sets none, are the seed's
-§6.2 recipe against repetitive output (temperature 0.9, top_k 50, top_p 0.92, repetition_penalty 1.2,
-256 new tokens); ``temperature=0`` is greedy.
+§6.2 recipe against repetitive output (``r1kit.cli.generate.RECIPE``); ``temperature=0`` is greedy.
 Everything here is a pure function of its inputs (the random generator is passed in).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +18,80 @@ import torch
 from r1kit.errors import ConfigError
 
 
+# OpenAI's and vLLM's (``max_logprobs``) cap on the alternatives returned per token
+MAX_LOGPROBS = 20
+# Bounds on the list-valued settings. Each entry costs work on every decoding step (a stop string is
+# searched for in each new piece of text, and streamed text is held back by the longest one; a token
+# id is looked up per token), so one request with 100k stop strings slowed every other request 2.3x.
+# Generous next to OpenAI's 4 stop sequences (vLLM sets no bound).
+MAX_STOP = 64  # stop strings per request
+MAX_STOP_CHARS = 512  # characters per stop string
+MAX_TOKEN_IDS = 1024  # stop_token_ids, and logit_bias entries
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values one numeric sampling setting accepts. :data:`RANGES` is the one statement of
+    each range: it checks :class:`SamplingParams` (so the Python API and the HTTP API refuse the same
+    values with the same error) and ``generation_config.json``, and the HTTP API's OpenAPI document
+    shows it."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False  # ``low`` itself is out
+    high_open: bool = False
+    integer: bool = False
+    note: str = ""  # what the values mean, for the error message
+
+    def __contains__(self, value: object) -> bool:
+        kind = numbers.Integral if self.integer else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below  # NaN fails every comparison: refused
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a number"
+        if self.high is None:
+            text = f"{kind} {'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = f"{kind} in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def json_schema(self) -> dict[str, float]:
+        """The range as JSON Schema keywords (``minimum``, ``exclusiveMaximum``, ...)."""
+        schema = {"exclusiveMinimum" if self.low_open else "minimum": self.low}
+        if self.high is not None:
+            schema["exclusiveMaximum" if self.high_open else "maximum"] = self.high
+        return schema
+
+
+RANGES = {
+    "temperature": Range(0, note="0 is greedy"),
+    "top_k": Range(-1, integer=True, note="-1 or 0: off"),
+    "top_p": Range(0, 1, low_open=True),
+    "min_p": Range(0, 1, note="0: off"),
+    "repetition_penalty": Range(0, low_open=True, note="1 is off, >1 discourages repeats"),
+    "max_tokens": Range(1, integer=True),
+    "seed": Range(0, 2**63, high_open=True, integer=True),
+    "n": Range(1, integer=True, note="the number of completions per prompt"),
+    "min_tokens": Range(0, integer=True),
+    "presence_penalty": Range(-2, 2, note="0 is off"),
+    "frequency_penalty": Range(-2, 2, note="0 is off"),
+    "logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS, integer=True),
+    "thinking_budget": Range(0, integer=True),
+}
+LOGIT_BIAS = Range(-100, 100, note="OpenAI's range")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """How to sample one request. The constructor is where every request's sampling fields are
+    checked (the HTTP API builds one per request): a bad value raises :class:`ConfigError` whose
+    ``param`` is the field's name."""
+
     temperature: float = 1.0
     top_k: int = 0  # 0 or -1: off
     top_p: float = 1.0
@@ -29,7 +101,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
-    # --- the engine's controls (vLLM's names); the reference loop above ignores them ---
+    # --- the engine's controls (vLLM's names); the reference loop (r1kit.infer.generate) ignores them ---
     n: int = 1
     min_tokens: int = 0  # EOS and stop ids are masked until this many tokens are out
     presence_penalty: float = 0.0  # subtracted once from every token already in the output
@@ -43,42 +115,23 @@ class SamplingParams:
     thinking_budget: int | None = None  # after this many reasoning tokens, force ``</think>``
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
-        if self.top_k < -1:
-            raise ConfigError(f"top_k={self.top_k} must be -1 or 0 (off) or a positive count")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ConfigError(f"min_p={self.min_p} must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off, >1 discourages repeats)")
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise ConfigError(f"seed={self.seed} must be in [0, 2**63)")
-        if self.n < 1:
-            raise ConfigError(f"n={self.n} must be >= 1 (the number of completions per prompt)")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise ConfigError(f"min_tokens={self.min_tokens} must be between 0 and max_tokens={self.max_tokens}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be in [-2, 2] (0 is off)")
-        for name in ("logprobs", "prompt_logprobs", "thinking_budget"):
+        for name, allowed in RANGES.items():
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"{name}={value} must be >= 0 or None")
+            if value is None and self.__dataclass_fields__[name].default is None:
+                continue  # None is "off" where it is the default
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r} must be {allowed}", param=name)
+        if self.min_tokens > self.max_tokens:
+            raise ConfigError(f"min_tokens={self.min_tokens} must be at most max_tokens={self.max_tokens}", param="min_tokens")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if any(not isinstance(s, str) or not s for s in stop):
-            raise ConfigError(f"stop={self.stop!r} must be a string or a list of non-empty strings")
+            raise ConfigError(f"stop={self.stop!r} must be a string or a list of non-empty strings", param="stop")
+        _check_stop_bounds(stop, tuple(self.stop_token_ids or ()))
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         set_("stop", stop)
         set_("stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.logit_bias is not None:
-            bias = {int(k): float(v) for k, v in self.logit_bias.items()}
-            if any(not -100.0 <= v <= 100.0 for v in bias.values()):  # also refuses nan and inf
-                raise ConfigError("logit_bias values must be numbers in [-100, 100] (OpenAI's range)")
-            set_("logit_bias", bias)
+            set_("logit_bias", _logit_bias(self.logit_bias))
 
     def replace(self, **changes: Any) -> SamplingParams:
         return dataclasses.replace(self, **changes)
@@ -98,6 +151,38 @@ class SamplingParams:
     def greedy(self) -> bool:
         # as vLLM: a temperature this small is greedy (dividing by it would overflow the logits)
         return self.temperature < 1e-5
+
+
+def _check_stop_bounds(stop: tuple[str, ...], stop_token_ids: tuple[int, ...]) -> None:
+    if len(stop) > MAX_STOP:
+        raise ConfigError(f"stop has {len(stop)} strings; at most {MAX_STOP} are allowed", param="stop")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise ConfigError(f"a stop string has {longest} characters; at most {MAX_STOP_CHARS} are allowed", param="stop")
+    if len(stop_token_ids) > MAX_TOKEN_IDS:
+        raise ConfigError(f"stop_token_ids has {len(stop_token_ids)} ids; at most {MAX_TOKEN_IDS} are allowed", param="stop_token_ids")
+
+
+def check_logit_bias_size(raw: Mapping[Any, Any]) -> None:
+    """Refuse a ``logit_bias`` of over :data:`MAX_TOKEN_IDS` entries before looking at any (the HTTP
+    API calls it before checking each entry: 60k bad entries made 60k errors)."""
+    if len(raw) > MAX_TOKEN_IDS:
+        raise ConfigError(f"logit_bias has {len(raw)} entries; at most {MAX_TOKEN_IDS} are allowed", param="logit_bias")
+
+
+def _logit_bias(raw: Mapping[Any, Any]) -> dict[int, float]:
+    """``logit_bias`` with integer token ids (JSON object keys are strings) and float biases."""
+    check_logit_bias_size(raw)
+    bias = {}
+    for key, value in raw.items():
+        try:
+            token, amount = int(key), float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"logit_bias maps token ids to numbers, got {key!r}: {value!r}", param="logit_bias") from None
+        if amount not in LOGIT_BIAS:
+            raise ConfigError(f"logit_bias[{key!r}]={value!r} must be {LOGIT_BIAS}", param="logit_bias")
+        bias[token] = amount
+    return bias
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -155,12 +240,11 @@ def _finite(logits: torch.Tensor) -> torch.Tensor:
 
 
 def apply_logit_bias(logits: torch.Tensor, bias: Mapping[int, float] | None) -> torch.Tensor:
-    """Add ``bias[token]`` to each listed token's logit (logits: [..., V])."""
+    """Add ``bias[token]`` to each listed token's logit (logits: [..., V]); the ids are in the
+    vocabulary (``Processor.validate`` refuses a request whose ids are not)."""
     if not bias:
         return logits
     ids = torch.tensor(list(bias), device=logits.device)
-    if int(ids.min()) < 0 or int(ids.max()) >= logits.shape[-1]:
-        raise ConfigError(f"logit_bias names token ids outside the vocabulary [0, {logits.shape[-1]})")
     values = torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
     return logits.index_add(-1, ids, values.expand(*logits.shape[:-1], -1))
 

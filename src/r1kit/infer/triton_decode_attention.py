@@ -4,7 +4,8 @@ One program per (sequence, KV head) follows the sequence's block table and reads
 and values in place, ``BLOCK_N`` positions at a time, for the whole group of query heads that share
 it (GQA: K/V read once per group). Softmax is computed online (running max and sum, as flash
 attention does), in float32 whatever the pool's dtype. Row ``s`` attends to positions
-``[lowest[s], contexts[s])``, so local layers pass their window's first position. No gather of
+``[lowest[s], contexts[s])``, so local layers pass their window's first position (the model's
+:func:`~r1kit.model.attention.window_start`). No gather of
 the context out of the pool, no mask, one launch per layer; without it a CUDA decode step gathers
 K/V and runs a masked SDPA per layer.
 

@@ -13,6 +13,9 @@ one-row products, where ``F.linear`` is faster.
 packed modules are inference-only (no gradients); their ``state_dict`` still holds the plain
 weights, so a packed model saves as before. Weights read row by row (the Top-K FFN's gather path)
 stay plain; int4 GPTQ layers keep their own kernel, their q/k/v and gate/up fused into one call each.
+A fused layer is a module swap: the model's attention (dense FFN) becomes a
+:class:`FusedQKVAttention` (:class:`FusedGateUpFFN`), which overrides only the projection method.
+The engine packs its own copy of a model, never the caller's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from r1kit.model.attention import Attention
+from r1kit.model.ffn import DenseFFN, TopKFFN
+from r1kit.model.transformer import specialize
 
 # The batch size the weight layout is tuned for: at 16 the 1-, 8- and 16-row products all run
 # within a few percent of their own best layout (measured on AVX-512, see the module docstring).
@@ -99,30 +106,66 @@ class FusedPackedLinear(PackedLinear):
                 destination[f"{parent}{part}.bias"] = bias.clone()
 
 
+class FusedQKVAttention(Attention):
+    """Attention whose q/k/v are one product, ``qkv_proj``: a decode step's projection is one weight
+    read, and its output goes to the cache's one-call rotary + store + attend as it is."""
+
+    qkv_proj: nn.Module
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return self.qkv_proj(x), None, None
+
+
+class FusedGateUpFFN(DenseFFN):
+    """A SwiGLU FFN whose gate and up projections are one product, ``gate_up_proj``."""
+
+    gate_up_proj: nn.Module
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up_proj(x).chunk(2, dim=-1)
+
+
+# the layers whose projections fuse: (the model's class, the fused variant, its product, the parts)
+FUSIONS = (
+    (Attention, FusedQKVAttention, "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    (DenseFFN, FusedGateUpFFN, "gate_up_proj", ("gate_proj", "up_proj")),
+)
+
+
 def _plain(linear) -> bool:
-    return type(linear) is nn.Linear and packing_supported(linear.weight.device, linear.weight.dtype)
+    # a plain Parameter: a tensor-parallel shard (DTensor) keeps its own layout
+    return type(linear) is nn.Linear and type(linear.weight) is nn.Parameter and packing_supported(linear.weight.device, linear.weight.dtype)
 
 
-def _fuse(module: nn.Module, name: str, parts: tuple[str, ...], batch_hint: int) -> bool:
+def _fusion(module: nn.Module, name: str, parts: tuple[str, ...], batch_hint: int) -> tuple[nn.Module, bool] | None:
+    """One module computing ``module``'s ``parts`` in one call, and whether it replaces them (False:
+    int4 parts stay, holding the checkpoint's tensors); None where they do not fuse."""
     from r1kit.quant.int4_linear import FusedInt4Linear, Int4Linear, StackedInt4Linear
 
-    linears = {part: getattr(module, part, None) for part in parts}
-    replacement = None
+    linears = {part: getattr(module, part) for part in parts}
     if all(_plain(lin) for lin in linears.values()) and len({lin.weight.dtype for lin in linears.values()}) == 1:
-        replacement = FusedPackedLinear(name, linears, batch_hint)
-    elif all(isinstance(lin, Int4Linear) and lin.qweight.device.type == "cuda" for lin in linears.values()):
-        replacement = StackedInt4Linear.stack(name, linears)  # one Triton launch; the state dict stays
-    else:
-        fused = FusedInt4Linear.fuse(list(linears.values()))  # int4 parts keep their buffers: the state dict stays
-        if fused is not None:
-            setattr(module, name, fused)
-        return fused is not None
-    if replacement is None:
-        return False
-    setattr(module, name, replacement)
-    for part in parts:
-        setattr(module, part, None)
-    return True
+        return FusedPackedLinear(name, linears, batch_hint), True
+    if all(isinstance(lin, Int4Linear) and lin.qweight.device.type == "cuda" for lin in linears.values()):
+        stacked = StackedInt4Linear.stack(name, linears)  # one Triton launch; the state dict stays
+        return None if stacked is None else (stacked, True)
+    fused = FusedInt4Linear.fuse(list(linears.values()))  # int4 parts keep their buffers: the state dict stays
+    return None if fused is None else (fused, False)
+
+
+def _fused_layer(module: nn.Module, batch_hint: int) -> tuple[nn.Module, int] | None:
+    """``module``'s fused variant and how many linears it fused; None where it has none (another
+    class, a Top-K FFN whose gather path reads W_up's rows, a GELU FFN, parts that do not fuse)."""
+    for base, variant, name, parts in FUSIONS:
+        if type(module) is base and (base is not DenseFFN or module.gated):
+            fusion = _fusion(module, name, parts, batch_hint)
+            if fusion is None:
+                return None
+            product, replaces = fusion
+            fused = specialize(module, variant, **{name: product})
+            for part in parts if replaces else ():
+                setattr(fused, part, None)
+            return fused, len(parts)
+    return None
 
 
 def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
@@ -130,26 +173,25 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
 
     Attention's q/k/v and a dense SwiGLU FFN's gate/up become one fused product each (float weights
     packed for oneDNN; int4 GPTQ layers as one CPU int4 kernel call, their buffers left in place, or
-    on CUDA stacked into one :class:`~r1kit.quant.int4_linear.StackedInt4Linear`);
+    on CUDA stacked into one :class:`~r1kit.quant.int4_linear.StackedInt4Linear`), their layers
+    swapped for :class:`FusedQKVAttention` / :class:`FusedGateUpFFN`;
     the other plain linears are packed one by one, and the other int4 layers frozen
     (:meth:`~r1kit.quant.int4_linear.Int4Linear.freeze`). Nothing happens where the device or dtype has no
     packed kernel. A tied output head gets its own packed copy; the embedding it shares weights with
     keeps the plain table. A Top-K FFN packs only W_gate (its gather path reads rows of the plain
     W_up and W_down); layers under tensor parallelism are left alone."""
-    from r1kit.model.attention import Attention
-    from r1kit.model.ffn import DenseFFN, TopKFFN
     from r1kit.quant.int4_linear import Int4Linear
 
     packed = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            fused = _fused_layer(child, batch_hint)
+            if fused is not None:
+                setattr(parent, name, fused[0])
+                packed += fused[1]
     for module in list(model.modules()):
-        if getattr(module, "tp", None) is not None:
-            continue
         # the Top-K gather path reads rows of W_up and W_down; W_gate it reads whole, like any linear
         only = ("gate_proj",) if isinstance(module, TopKFFN) else None
-        if isinstance(module, Attention) and _fuse(module, "qkv_proj", ("q_proj", "k_proj", "v_proj"), batch_hint):
-            packed += 3
-        elif only is None and isinstance(module, DenseFFN) and module.gated and _fuse(module, "gate_up_proj", ("gate_proj", "up_proj"), batch_hint):
-            packed += 2
         for name, child in list(module.named_children()):
             if _plain(child) and (only is None or name in only):
                 setattr(module, name, PackedLinear.from_linear(child, batch_hint))

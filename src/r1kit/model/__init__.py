@@ -2,7 +2,7 @@
 
 from r1kit.config import ModelConfig
 from r1kit.model.cache import ContiguousKVCache, KVCacheView
-from r1kit.model.hf import load_config, load_model, save_model
+from r1kit.model.hf import load_config, save_model
 from r1kit.model.transformer import R1kitForCausalLM
 
-__all__ = ["ModelConfig", "ContiguousKVCache", "KVCacheView", "R1kitForCausalLM", "load_config", "load_model", "save_model"]
+__all__ = ["ModelConfig", "ContiguousKVCache", "KVCacheView", "R1kitForCausalLM", "load_config", "save_model"]

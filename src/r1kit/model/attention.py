@@ -4,6 +4,9 @@ Every function here takes queries for the *last* ``m`` positions of the keys it 
 (``q``: [B, H, m, D], ``k``/``v``: [B, Hkv, n, D], n >= m): that one alignment rule covers a full
 forward (m = n), a cached decode step (m = 1) and a chunked prefill over a cache. The attention
 module never owns cache memory: it is handed a cache view and asks it for the keys to attend to.
+
+Fast paths are applied from outside by swapping a layer for a subclass that overrides one small
+method (:meth:`Attention.project_qkv`, :meth:`Attention.mix_weight`); this module knows none of them.
 """
 
 from __future__ import annotations
@@ -15,12 +18,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from r1kit.config import ModelConfig
-from r1kit.errors import ConfigError
 from r1kit.model.rope import apply_rotary
 
 if TYPE_CHECKING:
     from r1kit.model.cache import KVCacheView
-    from r1kit.train.parallel import TensorParallelShard
+
+
+def window_start(position, window: int):
+    """The first key position a query at ``position`` of a local layer with ``window`` sees: it sees
+    ``[window_start, position]``, the ``window`` positions ending at itself (fewer near the start).
+
+    The one statement of the local-window rule: the eager functions below, the engine's paged masks
+    and the ``lowest`` its decode kernels read from all come from here. ``position``: an int or a
+    tensor (element-wise); ``window``: an int or a tensor that broadcasts with it."""
+    start = position - window + 1
+    return start.clamp_min(0) if isinstance(start, torch.Tensor) else max(0, start)
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window) -> torch.Tensor:
+    """Boolean (broadcast of ``q_pos`` and ``k_pos``): the query at ``q_pos`` of a local layer sees the key at ``k_pos``."""
+    return (k_pos <= q_pos) & (k_pos >= window_start(q_pos, window))
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -60,9 +77,8 @@ def global_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def _window_mask(m: int, n: int, window: int, device: torch.device) -> torch.Tensor:
-    """[m, n] boolean: query i (absolute n - m + i) sees key j iff 0 <= q - j < window."""
-    distance = torch.arange(m, device=device)[:, None] + (n - m) - torch.arange(n, device=device)[None, :]
-    return (distance >= 0) & (distance < window)
+    """[m, n] boolean: which of the ``n`` keys each of the last ``m`` queries sees."""
+    return window_mask(torch.arange(n - m, n, device=device)[:, None], torch.arange(n, device=device)[None, :], window)
 
 
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
@@ -72,7 +88,8 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
     window can reach (about w + block of them), never to an (n, n) score matrix.
     """
     m = q.shape[2]
-    k, v = k[:, :, -(m + window - 1) :], v[:, :, -(m + window - 1) :]  # keys no query can see are dropped
+    first = window_start(k.shape[2] - m, window)  # the first query's first key: no query sees an earlier one
+    k, v = k[:, :, first:], v[:, :, first:]
     n = k.shape[2]
     if n <= window:  # the window covers every key: plain causal attention
         return global_attention(q, k, v)
@@ -102,9 +119,10 @@ def _blocked_local(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         t = F.pad(t[:, :, 1:], (0, 0, 0, pad)).unfold(2, span, block)
         return t.permute(0, 2, 1, 4, 3).reshape(batch * blocks, kv_heads, span, dim)
 
+    # a block's query row r sits window - 1 positions after its key column r
     row = torch.arange(block, device=q.device)[:, None]
     col = torch.arange(span, device=q.device)[None, :]
-    out = sdpa(qt, spans(k), spans(v), mask=(col >= row) & (col < row + window))
+    out = sdpa(qt, spans(k), spans(v), mask=window_mask(row + window - 1, col, window))
     out = out.view(batch, blocks, heads, block, dim).transpose(1, 2).reshape(batch, heads, blocks * block, dim)[:, :, :tail]
     return torch.cat((head, out), dim=2)
 
@@ -143,6 +161,11 @@ class Attention(nn.Module):
     compressed blocks (``hybrid_global: compressed``); at inference a hard gate
     (``hybrid_gate_threshold``) drops the global branch for tokens whose gate is above the
     threshold; and per-layer patterns put hybrid layers only where wanted.
+
+    Without a cache the layer computes attention itself (training, a full forward); with one it
+    hands the cache its keys (``update``) and asks it for the attention (``attend``), see
+    :class:`~r1kit.model.cache.KVCacheView`. Outside packages change how the layer computes by
+    swapping it for a subclass that overrides :meth:`project_qkv` or :meth:`mix_weight`.
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -156,14 +179,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
         if self.kind == "hybrid":
             gate_out = self.num_heads if config.hybrid_gate == "head" else 1
             self.gate = nn.Sequential(nn.Linear(d, d // 4), nn.SiLU(), nn.Linear(d // 4, gate_out))
-        self.gate_override: float | None = None  # tests and ablations pin the gate to 0 (global) or 1 (local)
-        self.last_gate_mean: torch.Tensor | None = None
-        self.tp: "TensorParallelShard | None" = None  # set by r1kit.train.parallel.apply_tp
-        # inference may fuse q/k/v into one product (r1kit.infer.weight_packing); None: three projections
-        self.qkv_proj: nn.Module | None = None
+        # what a hybrid layer asks a cache for as its global branch
+        self.global_branch = "compressed" if config.hybrid_global == "compressed" else "global"
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The query, key and value projections of ``x`` [B, m, d]: ``(q, k, v)``, each [B, m, heads·D].
+
+        A subclass that computes all three in one product returns ``(qkv, None, None)`` instead, the
+        heads side by side in q, k, v order (``qkv_sizes``): a cache can then rotate, store and attend
+        them in one call, and they are split only where it does not."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def mix_weight(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """The hybrid's weight of its local branch for the heads of ``q``: [B, 1 or H, m, 1]."""
+        return torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
 
     def forward(
         self,
@@ -174,77 +207,58 @@ class Attention(nn.Module):
         cache: "KVCacheView | None" = None,
     ) -> torch.Tensor:
         batch, m, _ = x.shape
-        # -1 heads: under tensor parallelism each rank projects only its own share of the heads
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-            # a paged cache may do rotary, K/V write and attention of a decode step in one call; the
-            # hybrid mixes two branches of the same q, so it keeps the two-call path
-            fused = getattr(cache, "rope_store_attend", None) if self.kind != "hybrid" else None
-            out = fused(self.layer_idx, self.kind, qkv, cos, sin, self.num_heads) if fused is not None else None
-            if out is not None:
-                return self.o_proj(out)
-            q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.project_qkv(x)
+        if k is None:  # one product made all three
+            # the hybrid mixes two branches of the same q, so only it keeps the two-call path
+            if cache is not None and self.kind != "hybrid":
+                out = cache.rope_store_attend(self.layer_idx, self.kind, q, cos, sin, self.num_heads)
+                if out is not None:
+                    return self.o_proj(out)
+            q, k, v = q.split(self.qkv_sizes, dim=-1)
+        # -1 heads: a subclass may project only a share of the heads (tensor parallelism)
         q = q.view(batch, m, -1, self.head_dim).transpose(1, 2)
         k = k.view(batch, m, -1, self.head_dim).transpose(1, 2)
         v = v.view(batch, m, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        attend = getattr(cache, "attend", None)
-        if attend is not None:  # a batch of sequences of different lengths (the engine's paged cache)
-            out = self._attend_by_cache(x, q, k, v, attend)
-        elif self.kind == "global":
-            out = global_attention(q, k, v)
-        elif self.kind == "local":
-            out = local_attention(q, k, v, window)
+        if cache is None:
+            out = self._attend(x, q, k, v, window)
         else:
-            out = self._hybrid(x, q, k, v, window)
+            k, v = cache.update(self.layer_idx, k, v)
+            out = self._attend_by_cache(x, q, k, v, cache)
         return self.o_proj(out.transpose(1, 2).reshape(batch, m, -1))
 
-    def _attend_by_cache(self, x, q, k, v, attend) -> torch.Tensor:
-        """Attention computed by the cache (``attend(kind, q, k, v)``), which knows each row's positions,
-        window and padding; this layer only mixes the branches."""
+    def _attend(self, x, q, k, v, window: int) -> torch.Tensor:
         if self.kind == "global":
-            return attend("global", q, k, v)
-        local = attend("local", q, k, v)
+            return global_attention(q, k, v)
         if self.kind == "local":
-            return local
-        if self.config.hybrid_global == "compressed":
-            raise ConfigError("hybrid_global=compressed is not supported with a batched (masked) cache; use hybrid_global=full")
-        g = self._gate(x, q)
-        mixed = g * local + (1 - g) * attend("global", q, k, v)
+            return local_attention(q, k, v, window)
+        return self._hybrid(x, q, k, v, window)
+
+    def _attend_by_cache(self, x, q, k, v, cache: "KVCacheView") -> torch.Tensor:
+        """Attention computed by the cache, which knows each row's positions, window and padding;
+        this layer only mixes the hybrid's branches."""
+        if self.kind != "hybrid":
+            return cache.attend(self.layer_idx, self.kind, q, k, v)
+        local = cache.attend(self.layer_idx, "local", q, k, v)
+        g = self.mix_weight(x, q)
+        mixed = g * local + (1 - g) * cache.attend(self.layer_idx, self.global_branch, q, k, v)
         threshold = self.config.hybrid_gate_threshold
         if threshold is None or self.training:
             return mixed
-        # the hard gate's rule (see _hard_gated): confident tokens are local only. A padded batch
-        # computes the global branch for every row anyway, so this keeps results, not time.
+        # the hard gate's rule (see _hard_gated): confident tokens are local only. The cache computes
+        # the global branch for every row anyway, so this keeps results, not time.
         return torch.where((g >= threshold).all(dim=1, keepdim=True), local, mixed)
 
-    def _gate(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """The mixing weight of the local branch, [B, 1 or H, m, 1]."""
-        if self.gate_override is not None:
-            return torch.full((x.shape[0], 1, x.shape[1], 1), self.gate_override, dtype=q.dtype, device=q.device)
-        g = torch.sigmoid(self.gate(x)).transpose(1, 2)[..., None]
-        if self.training:  # a tensor, read by the trainer's logging: no device sync on every forward
-            self.last_gate_mean = g.detach().float().mean()
-        if self.tp is not None:
-            g = self.tp.local_gate(g, q.shape[1])
-        return g
-
     def _global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.config.hybrid_global == "compressed":
+        if self.global_branch == "compressed":
             return compressed_global_attention(q, k, v, self.config.hybrid_compress_block)
         return global_attention(q, k, v)
 
     def _hybrid(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
         local = local_attention(q, k, v, window)
-        g = self._gate(x, q)
+        g = self.mix_weight(x, q)
         threshold = self.config.hybrid_gate_threshold
         if threshold is None or self.training:
-            if self.gate_override == 1.0:
-                return local
             return g * local + (1 - g) * self._global_branch(q, k, v)
         return self._hard_gated(q, k, v, local, g, threshold)
 
@@ -258,7 +272,7 @@ class Attention(nn.Module):
             rows = needs_global[b].nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            if self.config.hybrid_global == "compressed":
+            if self.global_branch == "compressed":
                 glob = compressed_global_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], self.config.hybrid_compress_block)[:, :, rows]
             else:  # chunks of rows, each over the keys up to its last row only: causal skipping kept
                 parts = []

@@ -10,21 +10,18 @@ activation magnitude |act(gate(x))| (for GELU, |gelu(up(x))|) and zeroes the res
   rows of W_up and the kept rows of a row-major copy of W_downᵀ, so the work shrinks with sparsity.
   Masking inside dense matmuls would cut no FLOPs.
 
-The layer never changes its own sparsity: :mod:`r1kit.model.sparsity` owns that decision.
+The layer never changes its own sparsity: :mod:`r1kit.model.sparsity` owns that decision. Outside
+packages change how a layer computes by swapping it for a subclass that overrides one method
+(:meth:`DenseFFN.project_gate_up`, :meth:`TopKFFN.keep`).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from r1kit.config import ModelConfig
-
-if TYPE_CHECKING:
-    from r1kit.train.parallel import TensorParallelShard
 
 
 # Above this share of kept neurons, one dense read of W_up beats copying the kept rows out of it
@@ -49,18 +46,17 @@ class DenseFFN(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=False)
         self.act = _activation(config.activation)
         self.dropout = nn.Dropout(config.dropout)
-        # inference may fuse gate and up into one product (r1kit.infer.weight_packing)
-        self.gate_up_proj: nn.Module | None = None
+
+    def project_gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of a SwiGLU FFN (a subclass may compute both in one product)."""
+        return self.gate_proj(x), self.up_proj(x)
 
     def activations(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(selector, hidden): the activation whose magnitude ranks neurons, and the hidden state."""
-        if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        if self.gated:
+            gate, up = self.project_gate_up(x)
             a = self.act(gate)
             return a, a * up
-        if self.gated:
-            a = self.act(self.gate_proj(x))
-            return a, a * self.up_proj(x)
         h = self.act(self.up_proj(x))
         return h, h
 
@@ -79,7 +75,6 @@ class TopKFFN(DenseFFN):
         self.gradient = config.topk_gradient
         self.gather_max_tokens = config.topk_gather_max_tokens
         self.last_retained: torch.Tensor | None = None  # share of |activation| mass kept, for the controller
-        self.tp: "TensorParallelShard | None" = None  # set by r1kit.train.parallel.apply_tp
         self._down_t: torch.Tensor | None = None
         self._up_rows: torch.Tensor | None = None
         self._down_t_version: tuple[int, int] | None = None
@@ -93,22 +88,23 @@ class TopKFFN(DenseFFN):
         tokens = x.numel() // x.shape[-1]
         if not isinstance(self.up_proj, nn.Linear):  # quantized (int4) weights have no rows to gather
             return self.forward_masked(x)
-        if self.tp is None and not self.training and not torch.is_grad_enabled() and tokens <= self.gather_max_tokens:
+        if not self.training and not torch.is_grad_enabled() and tokens <= self.gather_max_tokens:
             return self.forward_gather(x)
         return self.forward_masked(x)
+
+    def keep(self, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mask, kept, total) for activation magnitudes [..., f]: the boolean mask of each token's
+        top-``k`` neurons, and the |activation| mass the kept neurons and all neurons carry [...]."""
+        # the k-th largest as a threshold: cheaper than topk indices + scatter on CPU (ties keep both)
+        f = magnitude.shape[-1]
+        mask = magnitude >= magnitude.kthvalue(f - self.k + 1, dim=-1, keepdim=True).values
+        return mask, (magnitude * mask).sum(-1), magnitude.sum(-1)
 
     def forward_masked(self, x: torch.Tensor) -> torch.Tensor:
         """Dense compute, then zero all but the top-k neurons per token (training and prefill)."""
         selector, h = self.activations(x)
-        magnitude = selector.detach().abs()
-        if self.tp is None:
-            # the k-th largest as a threshold: cheaper than topk indices + scatter on CPU (ties keep both)
-            f = magnitude.shape[-1]
-            mask = (magnitude >= magnitude.kthvalue(f - self.k + 1, dim=-1, keepdim=True).values).to(h.dtype)
-            kept, total = (magnitude * mask).sum(-1), magnitude.sum(-1)
-        else:  # this rank holds a slice of the neurons: select against the global top-k
-            mask = self.tp.topk_mask(magnitude, self.k).to(h.dtype)
-            kept, total = self.tp.sum_over_ranks((magnitude * mask).sum(-1)), self.tp.sum_over_ranks(magnitude.sum(-1))
+        mask, kept, total = self.keep(selector.detach().abs())
+        mask = mask.to(h.dtype)
         if self.training:
             self.last_retained = (kept / total.clamp_min(1e-12)).mean().detach()
         if self.gradient == "ste" and self.training:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from r1kit.config import ModelConfig, RopeScaling, dump_json
-from r1kit.device import resolve_device
+from r1kit.device import DTYPES, resolve_device
 from r1kit.errors import CheckpointError, ConfigError
 
 SUPPORTED = ("llama", "qwen2", "r1kit")
@@ -30,7 +30,6 @@ R1KIT_FIELDS = (
     "window_growth_ratio", "hybrid_gate", "hybrid_global", "hybrid_compress_block", "hybrid_gate_threshold",
     "topk_sparsity", "topk_gradient", "topk_gather_max_tokens", "dropout",
 )  # fmt: skip
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # -- config.json <-> ModelConfig ---------------------------------------------------------------------
@@ -207,18 +206,19 @@ def check_weights(path: Path, expected: dict[str, torch.Tensor], state: dict[str
 
 
 def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Build the r1kit model from a checkpoint directory; ``dtype`` defaults to the checkpoint's own."""
+    """Build the r1kit model from a float checkpoint directory; ``dtype`` defaults to the checkpoint's own.
+
+    Every other kind (GPTQ, GGUF, a pulled model's name) goes through :func:`r1kit.checkpoints.load_model`,
+    which calls this for float directories."""
     device = resolve_device(device)
     from r1kit.model.transformer import R1kitForCausalLM
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
-    from r1kit.quant.checkpoint import is_gptq_checkpoint, load_quantized
-
-    if is_gptq_checkpoint(path):  # GPTQ weights load into int4 layers (r1kit.quant)
-        return load_quantized(path, dtype=dtype, device=device)
     config = load_config(path)
+    if (path / "quantize_config.json").is_file() or "quantization_config" in json.loads((path / "config.json").read_text(encoding="utf-8")):
+        raise CheckpointError(f"{path} holds quantized weights; load it with r1kit.checkpoints.load_model (int4 layers come from r1kit.quant)")
     state = read_safetensors(weight_files(path))
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)

@@ -8,6 +8,7 @@ inference and serving all run this class; it must never hold cache memory or sam
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,24 @@ from r1kit.model.attention import Attention
 from r1kit.model.cache import KVCacheView
 from r1kit.model.ffn import TopKFFN, build_ffn
 from r1kit.model.rope import RotaryEmbedding
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def specialize(module: nn.Module, cls: type[M], **state) -> M:
+    """A ``cls`` (a subclass of ``module``'s class) holding ``module``'s parameters, children and
+    settings, plus ``state`` as attributes: how an outside package swaps in its variant of a layer
+    (``setattr(parent, name, specialize(layer, Variant, ...))``) without building it anew. The
+    weights are shared, not copied; ``module`` itself is left as it was."""
+    if not issubclass(cls, type(module)):
+        raise TypeError(f"{cls.__name__} does not specialize {type(module).__name__}")
+    new = cls.__new__(cls)
+    # nn.Module keeps its parameters, children and hooks in dicts and sets: the variant gets its own
+    new.__dict__.update({k: (v.copy() if isinstance(v, (dict, set)) else v) for k, v in module.__dict__.items()})
+    for name, value in state.items():
+        setattr(new, name, value)
+    return new
 
 
 class RMSNorm(nn.Module):
@@ -69,11 +88,14 @@ class R1kitForCausalLM(nn.Module):
     """The model. ``forward(tokens, positions=None, cache=None) -> logits``.
 
     * ``tokens``: [batch, m] token ids.
-    * ``positions``: [m] or [batch, m]; by default the ``m`` positions after what ``cache`` holds.
+    * ``positions``: [m] or [batch, m]; by default the cache's next ``m`` positions, else ``0 … m-1``.
     * ``cache``: a :class:`~r1kit.model.cache.KVCacheView`; the layers append this step's keys and
       values to it and attend to what it returns (a full prompt and one-token steps alike).
     * ``window``: the local-attention window for this call; by default the cache's, else
       ``config.window_for(m)`` (the seed's growth rule).
+
+    Fast paths (fused projections, native norms, tensor-parallel shards) are applied from outside,
+    by swapping layers for subclasses (:func:`specialize`); the model checks no flag for them.
     * ``select``: the token columns whose logits to compute (e.g. ``[-1]``); default all.
     """
 
@@ -119,11 +141,10 @@ class R1kitForCausalLM(nn.Module):
         select: torch.Tensor | list[int] | None = None,
     ) -> torch.Tensor:
         m = tokens.shape[1]
-        start = getattr(cache, "length", 0) if cache is not None else 0
         if positions is None:
-            positions = torch.arange(start, start + m, device=tokens.device)
+            positions = cache.next_positions(m, tokens.device) if cache is not None else torch.arange(m, device=tokens.device)
         if window is None:
-            window = getattr(cache, "window", None) or self.config.window_for(start + m)
+            window = cache.window if cache is not None else self.config.window_for(m)
         x = self.model.embed_tokens(tokens)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
@@ -132,7 +153,7 @@ class R1kitForCausalLM(nn.Module):
                 x = checkpoint(layer, x, cos, sin, window, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, window, cache)
-        if cache is not None and hasattr(cache, "advance"):
+        if cache is not None:
             cache.advance(m)
         x = self.model.norm(x if select is None else x[:, select])
         return self.lm_head(x)
@@ -144,7 +165,8 @@ class R1kitForCausalLM(nn.Module):
     # -- checkpoints ----------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> R1kitForCausalLM:
-        """Load a Hugging Face layout directory (Llama, Qwen2 or r1kit ``config.json`` + safetensors)."""
+        """Load a float Hugging Face layout directory (Llama, Qwen2 or r1kit ``config.json`` + safetensors);
+        GPTQ, GGUF and pulled models load through :func:`r1kit.checkpoints.load_model`."""
         from r1kit.model.hf import load_model
 
         return load_model(path, dtype=dtype, device=device)

@@ -39,7 +39,7 @@ def from_shards(directory: Path, nsamples: int, seqlen: int, seed: int, split: s
 
 
 def from_text(file: Path, model_dir: str | Path, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     ids = np.asarray(tokenizer.encode(file.read_text(encoding="utf-8", errors="replace")).ids, dtype=np.int64)

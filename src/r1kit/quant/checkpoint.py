@@ -38,7 +38,8 @@ def save_quantized(model: nn.Module, path: str | Path, config: QuantConfig, resu
     stores the float tensors (embeddings, norms, lm_head, biases) in another dtype (GPTQ checkpoints
     usually hold float16); scales are always float16.
     """
-    from r1kit.model.hf import DTYPES, save_model
+    from r1kit.device import DTYPES
+    from r1kit.model.hf import save_model
 
     path = Path(path)
     state = dict(model.state_dict())
@@ -110,7 +111,8 @@ def expected_shapes(in_features: int, out_features: int, group_size: int, bits: 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
     """Build the r1kit model with :class:`Int4Linear` layers from a GPTQ checkpoint directory."""
-    from r1kit.model.hf import DTYPES, check_weights, finish_load, load_config, read_safetensors
+    from r1kit.device import DTYPES
+    from r1kit.model.hf import check_weights, finish_load, load_config, read_safetensors
     from r1kit.model.transformer import R1kitForCausalLM
 
     path = Path(path)

@@ -8,7 +8,7 @@ rows per byte pair so that one widen, a mask, a shift and two table lookups give
 multiply-adds from 32 bytes; it takes float32 or bfloat16 activations and returns the same type (no
 casts around it), adds the bias and applies an act-order input permutation itself, all in one call.
 The layout is in the C file's header. Where the CPU lacks AVX512-BF16 or nothing can be compiled,
-:func:`load` returns None and :class:`~r1kit.quant.int4_linear.Int4Linear` keeps torch's kernel.
+:func:`load` returns None and int4 layers keep torch's kernel (:mod:`r1kit.quant.int4.torch_kernel`).
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ class Int4CpuKernel:
             fn.argtypes = [pointer, i64, i64, i64, pointer, pointer, i64, pointer, pointer, pointer]
             fn.restype = ctypes.c_int
             self._fns[dtype] = fn
+
+    def __reduce__(self):
+        # the library is per process: a copy or a pickle of a layer's kernel state loads it again
+        return load, ()
 
     def __call__(self, x: torch.Tensor, packed: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [..., K] (float32 or bfloat16, CPU) times the packed weight, plus ``bias``; ``x``'s dtype out."""

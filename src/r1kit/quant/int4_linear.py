@@ -1,62 +1,41 @@
 """``Int4Linear``: the drop-in replacement for ``nn.Linear`` that holds a GPTQ 4-bit weight.
 
 Its state dict is the checkpoint's (``qweight``, ``qzeros``, ``scales``, ``g_idx`` [, ``bias``]), so a
-quantized model saves and loads in the GPTQ layout with no renaming. Two ways to compute:
+quantized model saves and loads in the GPTQ layout with no renaming. A group size that does not
+divide ``in_features`` leaves a partial last group (GPTQModel's layout: ``⌈in/g⌉`` groups,
+``g_idx[i] = i // g``); every backend runs it as it is, nothing padded.
 
-* ``kernel`` (CPU): at first use the GPTQ codes are repacked once for a CPU int4 kernel: r1kit's own
-  (:mod:`r1kit.quant.cpu_int4`, AVX512-BF16 dot products; float32 or bfloat16 activations in and out,
-  bias and act-order permutation inside the one call) where this CPU has AVX512-BF16 and the output
-  is a multiple of 32, else torch's ``aten._weight_int4pack_mm_for_cpu`` (``_convert_weight_to_int4pack_for_cpu``
-  on [out, in] codes, scales and zeros as [in/g, out, 2] in the float domain, where the kernel
-  computes ``w = (q − 8)·scale + zero``; GPTQ's ``scale·(q − z)`` is that with ``zero = (8 − z)·scale``;
-  bfloat16 activations, so inputs are cast to bf16 and outputs back; act-order checkpoints
-  (non-monotonic ``g_idx``) by sorting the input features by group once and gathering the
-  activations' columns the same way).
-* ``triton`` (CUDA): :mod:`r1kit.quant.triton_int4`, Triton kernels that read the GPTQ tensors as
-  stored (act-order included): unpacked tile by tile inside the matmul for up to 16 rows,
-  dequantized once per call for cuBLAS above that. Used on CUDA when ``triton`` is
-  installed; on the CPU it runs only under Triton's interpreter, which is how the tests check it.
-* ``dequant``: unpack to a float weight and ``F.linear`` (the reference; used wherever neither kernel
-  applies: the CPU kernel needs out_features % 16 and kernel groups of 32/64/128/256, the GPU one triton).
-
-A group size that does not divide ``in_features`` leaves a partial last group (GPTQModel's layout:
-``⌈in/g⌉`` groups, ``g_idx[i] = i // g``). The CPU kernels run it exactly with a kernel group that
-divides both the group size and ``in_features`` (576 inputs in groups of 128 run as groups of 64,
-each GPTQ group's scale repeated), so nothing is padded; the Triton kernels read ``g_idx`` and mask
-the tile past the last input, so a partial group needs nothing of them.
-
-The module never changes the stored tensors; the kernel's copies live outside the state dict.
+The layer holds the tensors and the module interface; the products are computed by the backends of
+:mod:`r1kit.quant.int4` (the dequantize reference, r1kit's CPU kernel, torch's CPU kernel, the CUDA
+Triton kernels), chosen by :mod:`r1kit.quant.int4.choose` from the layer's ``backend``. What a backend
+prepares from the tensors (a repacked copy for the CPU kernels) lives outside the state dict and
+is kept until the tensors change; the module never changes the stored tensors.
+:class:`FusedInt4Linear` and :class:`StackedInt4Linear` run several layers over one input as one
+product through the same backends.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import math
+from typing import Any, Callable, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from r1kit.quant import cpu_int4, packing
+from r1kit.quant import packing
+from r1kit.quant.int4 import Int4Backend, choose, cpu_kernel, cpu_layout, dequant, torch_kernel
+from r1kit.quant.int4.choose import BACKENDS
+from r1kit.quant.int4.torch_kernel import pack as pack_for_torch_kernel
 
-KERNEL_GROUPS = (256, 128, 64, 32)
-BACKENDS = ("auto", "kernel", "triton", "dequant")
+__all__ = ["BACKENDS", "FusedInt4Linear", "Int4Linear", "StackedInt4Linear", "int4_matmul", "pack_for_torch_kernel"]
 
-
-def torch_kernel_available() -> bool:
-    """Whether this torch has its own int4 CPU kernel (torch >= 2.6)."""
-    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
-
-
-@functools.cache
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+T = TypeVar("T")
+# assigning one of these (not in place) drops what was prepared from the old tensors
+TENSORS = frozenset(("qweight", "qzeros", "scales", "g_idx", "bias"))
 
 
 class Int4Linear(nn.Module):
     """A 4-bit GPTQ linear. ``backend``: ``auto`` (the CPU kernel or the Triton one where it applies),
-    ``kernel``, ``triton`` or ``dequant``."""
+    ``kernel``, ``triton`` or ``dequant`` (see :mod:`r1kit.quant.int4.choose`)."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128, bias: bool = False,
                  bits: int = 4, zero_offset: int = 1, dtype: torch.dtype = torch.float32,
@@ -72,15 +51,14 @@ class Int4Linear(nn.Module):
             raise ValueError(f"out_features={out_features} must be a multiple of 8 (8 zero points per int32)")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.zero_offset = bits, group_size, zero_offset
+        self._kernel: tuple[tuple, dict] | None = None  # (the tensors' versions, what was prepared from them): see prepared()
+        self._frozen: tuple[Callable, Any] | None = None  # (matmul, state) fixed by freeze()
         groups = packing.group_count(in_features, group_size)  # the last one partial where group_size does not divide
         self.register_buffer("qweight", torch.zeros(in_features // 8, out_features, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
         self.register_buffer("g_idx", packing.default_g_idx(in_features, group_size, device=device or "cpu"))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self._kernel: tuple | None = None  # (device and weights version, CPU kernel state or None)
-        self._frozen = None  # the CPU kernel state fixed by freeze()
-        self._groups: tuple | None = None  # (g_idx device and version, contiguous group size or 0)
         self.backend = "auto"
 
     @classmethod
@@ -102,67 +80,24 @@ class Int4Linear(nn.Module):
         """The float weight [out, in] that the int4 codes stand for."""
         return packing.dequantize(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.zero_offset, dtype)
 
+    def prepared(self, build: Callable[[Int4Linear], T]) -> T:
+        """``build(self)`` (a backend's ``prepare``, or another function of the stored tensors alone),
+        built at first use and kept until the tensors change: modified in place (their versions),
+        replaced, moved or cast."""
+        tensors = self._buffers  # not four nn.Module.__getattr__ calls: this runs on every call that is not frozen
+        key = (tensors["qweight"]._version, tensors["qzeros"]._version, tensors["scales"]._version, tensors["g_idx"]._version)
+        kept = self._kernel
+        if kept is None or kept[0] != key:
+            kept = self._kernel = (key, {})
+        try:
+            return kept[1][build]
+        except KeyError:
+            value = kept[1][build] = build(self)
+            return value
+
     def kernel_applies(self, device: torch.device) -> bool:
-        return self._kernel_state(device) is not None
-
-    def _kernel_group(self) -> int | None:
-        """The kernels' group: the largest of :data:`KERNEL_GROUPS` that divides every GPTQ group, so
-        each GPTQ group is whole kernel groups sharing its scale (512 is two of 256; a partial last
-        group of 64 after groups of 128 makes it 64). None where none divides."""
-        whole = math.gcd(packing.group_span(self.in_features, self.group_size), self.in_features)
-        return next((g for g in KERNEL_GROUPS if whole % g == 0), None)
-
-    def _group_order(self) -> torch.Tensor | None:
-        """Input order that makes groups contiguous: empty when already so, None when group sizes forbid it
-        (sorted by group, the inputs must fall into the groups of ``i // group_size``)."""
-        if self._groups_contiguous():
-            return torch.arange(0)
-        g = self.g_idx.long()
-        if not torch.equal(g.sort().values, packing.default_g_idx(self.in_features, self.group_size, g.device).long()):
-            return None
-        return torch.argsort(g, stable=True)
-
-    def _contiguous_group(self) -> int:
-        """The group size when ``g_idx`` is ``k // group`` (no act-order), else 0; checked once per
-        ``g_idx`` version and device (the check reads the GPU)."""
-        key = (self.g_idx.device, self.g_idx._version)
-        if self._groups is None or self._groups[0] != key:
-            self._groups = (key, packing.group_span(self.in_features, self.group_size) if self._groups_contiguous() else 0)
-        return self._groups[1]
-
-    def _groups_contiguous(self) -> bool:
-        size = packing.group_span(self.in_features, self.group_size)
-        return bool((self.g_idx.long() == torch.arange(self.in_features, device=self.g_idx.device) // size).all())
-
-    def _kernel_state(self, device: torch.device):
-        """The CPU kernel's state (see :func:`pack_for_kernel`), built once per device and weights version; None where the kernel does not apply (not CPU, out_features % 16, group sizes)."""
-        key = (device, self.qweight._version, self.qzeros._version, self.scales._version, self.g_idx._version)
-        if self._kernel is not None and self._kernel[0] == key:
-            return self._kernel[1]
-        self._kernel = (key, self._build_kernel_state(device))
-        return self._kernel[1]
-
-    def _build_kernel_state(self, device: torch.device):
-        if device.type != "cpu":
-            return None
-        inputs = self.kernel_inputs()
-        return None if inputs is None else pack_for_kernel(*inputs)
-
-    def kernel_inputs(self) -> tuple | None:
-        """(codes [in, out] in kernel input order, scales and zeros [in/kgroup, out] in float, input
-        order or None, kernel group), or None where the kernel's shape rules fail."""
-        kgroup = self._kernel_group()
-        if self.out_features % 16 or kgroup is None:
-            return None
-        order = self._group_order()
-        if order is None:
-            return None
-        codes, zeros = packing.unpack_gptq(self.qweight, self.qzeros, self.bits, self.zero_offset)  # [in, out], [G, out]
-        if order.numel():
-            codes = codes[order]
-        # the GPTQ group of each kernel group (of its first input, in the contiguous order)
-        owner = packing.default_g_idx(self.in_features, self.group_size, self.scales.device)[::kgroup].long()
-        return codes, self.scales.float()[owner], zeros.float()[owner], order if order.numel() else None, kgroup
+        """Whether a CPU kernel runs this layer on ``device``."""
+        return choose.cpu_kernel_for(self, device) is not None
 
     # -- compute ----------------------------------------------------------------------------------
     @property
@@ -176,64 +111,46 @@ class Int4Linear(nn.Module):
         self._backend, self._frozen = value, None
 
     def freeze(self) -> bool:
-        """Inference only: fix the CPU kernel's state now, so that each call skips the check that the
-        stored tensors have not changed (~6 µs of a ~24 µs call at decode). The engine freezes its
-        int4 layers; a move, a cast or a new ``backend`` unfreezes. Returns whether the kernel applies."""
-        if self.backend in ("auto", "kernel") and self.qweight.device.type == "cpu":
-            self._frozen = self._kernel_state(self.qweight.device)
+        """Inference only: fix the CPU kernel's state now, so that each call skips choosing a backend
+        and checking that the stored tensors have not changed. The engine freezes its int4 layers; a
+        move, a cast, a replaced tensor or a new ``backend`` unfreezes. Returns whether the kernel applies."""
+        device = self.qweight.device
+        if self.backend in ("auto", "kernel") and device.type == "cpu":
+            backend = choose.cpu_kernel_for(self, device)
+            self._frozen = None if backend is None else (backend.matmul, self.prepared(backend.prepare))
         return self._frozen is not None
 
     def resolved_backend(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         """The backend a forward of ``dtype`` activations on ``device`` uses (``auto`` resolved: on CUDA
         the Triton kernels where ``triton`` is installed and they passed their self-check there)."""
-        if self.backend != "auto":
-            return self.backend
-        if device.type == "cuda" and triton_available():
-            from r1kit.quant.triton_int4 import verified
-
-            if verified(device, dtype):
-                return "triton"
-        return "kernel" if self.kernel_applies(device) else "dequant"
+        return choose.resolved(self, device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            # the kernels have no backward (their outputs would silently carry no gradient): the
-            # dequantize path's F.linear does, for training through a quantized model (e.g. adapters)
-            if self.backend in ("kernel", "triton"):
-                raise RuntimeError(f"backend={self.backend!r} has no backward; use backend='auto' or 'dequant' to train through {self.extra_repr()}")
-            return self.forward_dequant(x)
-        if self._frozen is not None:
-            return int4_matmul(x, self._frozen, self.out_features, self.bias)
-        backend = self.resolved_backend(x.device, x.dtype)
-        if backend == "kernel":
-            return self.forward_kernel(x)
-        if backend == "triton":
-            return self.forward_triton(x)
-        return self.forward_dequant(x)
+        frozen = self._frozen
+        if frozen is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            return frozen[0](x, frozen[1])
+        return self.run(choose.for_forward(self, x), x)
 
-    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
-        if not triton_available():
-            raise RuntimeError(f"backend='triton' needs the triton package (pip install triton) for {self.extra_repr()}")
-        from r1kit.quant.triton_int4 import int4_gptq_matmul
-
-        out = int4_gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.zero_offset, self._contiguous_group())
-        return out if self.bias is None else out + self.bias.to(x.dtype)
-
-    def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+    def run(self, backend: Int4Backend, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through ``backend`` (whatever ``self.backend`` says), with its state for the current tensors."""
+        return backend.matmul(x, self.prepared(backend.prepare))
 
     def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
-        state = self._kernel_state(x.device)
-        if state is None:
-            raise RuntimeError(
-                f"the CPU int4 kernel does not apply to {self.extra_repr()} on {x.device} "
-                "(it needs CPU, out_features % 16 == 0, and a group size and in_features that are both multiples of 32); "
-                "use backend='dequant'"
-            )
-        return int4_matmul(x, state, self.out_features, self.bias)
+        return self.run(choose.named(self, "kernel", x.device, x.dtype), x)
+
+    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(choose.named(self, "triton", x.device, x.dtype), x)
+
+    def forward_dequant(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(dequant, x)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in TENSORS:  # backend states hold the old tensors (or copies of them)
+            self.__dict__["_kernel"] = self.__dict__["_frozen"] = None
+        super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):
-        # A device or dtype move invalidates the kernel's copies. Scales keep their float16 bits (the
+        # A device or dtype move invalidates the backends' states. Scales keep their float16 bits (the
         # checkpoint's) whatever dtype the model is cast to: seen as integers for the cast, a model
         # .to(bfloat16) moves them without rounding them through bfloat16.
         self._kernel = self._frozen = None
@@ -247,43 +164,11 @@ class Int4Linear(nn.Module):
         return self
 
 
-
-def pack_for_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: torch.Tensor | None, kgroup: int):
-    """The CPU kernel's state from :meth:`Int4Linear.kernel_inputs`: r1kit's own kernel's layout
-    (:class:`~r1kit.quant.cpu_int4.PackedInt4`) where it is built for this CPU and the shape fits,
-    else torch's (packed weight, scales-and-zeros, order, group); None where neither kernel is had."""
-    native = cpu_int4.load()
-    if native is not None and cpu_int4.fits(*codes.shape, kgroup):
-        return cpu_int4.pack(codes, scales, zeros, order, kgroup)
-    return pack_for_torch_kernel(codes, scales, zeros, order, kgroup) if torch_kernel_available() else None
-
-
-def pack_for_torch_kernel(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: torch.Tensor | None, kgroup: int) -> tuple:
-    """torch's int4 kernel's state (packed weight, scales-and-zeros, order, group) from the same inputs."""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous().to(torch.int32), 1)
-    scale_zero = torch.stack((scales, (8 - zeros) * scales), dim=-1).to(torch.bfloat16).contiguous()
-    return packed, scale_zero, order, kgroup
-
-
-def int4_matmul(x: torch.Tensor, state, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
-    """``x`` through the CPU int4 kernel of ``state`` (see :func:`pack_for_kernel`); ``x``'s dtype out."""
-    if isinstance(state, cpu_int4.PackedInt4):
-        if x.dtype in cpu_int4.FUNCTIONS:
-            return cpu_int4.load()(x, state, bias)
-        return cpu_int4.load()(x.float(), state, bias).to(x.dtype)
-    packed, scale_zero, order, kgroup = state
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if order is not None:
-        x2 = x2.index_select(1, order)
-    # torch's kernel takes bfloat16 activations (its float32 path is a slow fallback)
-    if x2.dtype != torch.bfloat16:
-        x2 = x2.to(torch.bfloat16)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2 if x2.is_contiguous() else x2.contiguous(), packed, kgroup, scale_zero)
-    if x.dtype != torch.bfloat16:
-        out = out.to(x.dtype)
-    out = out.view(*shape[:-1], out_features)
-    return out if bias is None else out + bias.to(x.dtype)
+def int4_matmul(x: torch.Tensor, state: cpu_kernel.CpuKernelState | Any) -> torch.Tensor:
+    """``x`` through a CPU int4 kernel's state, either kernel's (:func:`pack_for_torch_kernel`,
+    :func:`r1kit.quant.int4.cpu_kernel.pack`); ``x``'s dtype out, the state's bias added."""
+    backend = cpu_kernel if isinstance(state, cpu_kernel.CpuKernelState) else torch_kernel
+    return backend.matmul(x, state)
 
 
 class FusedInt4Linear(nn.Module):
@@ -294,12 +179,9 @@ class FusedInt4Linear(nn.Module):
     (the GPTQ checkpoint's tensors) does not change. ``split_sizes`` cuts the output into the parts.
     """
 
-    def __init__(self, parts: list[Int4Linear], state) -> None:
+    def __init__(self, parts: list[Int4Linear], backend: Int4Backend, state: Any) -> None:
         super().__init__()
-        self.state = state
-        has_bias = [p.bias is not None for p in parts]
-        # float32 once here: the native kernel adds a float32 bias (a bf16 model's would be cast per call)
-        self.bias = torch.cat([p.bias.float() if p.bias is not None else torch.zeros(p.out_features) for p in parts]) if any(has_bias) else None
+        self._matmul, self.state = backend.matmul, state
         self.split_sizes = [p.out_features for p in parts]
         self.in_features, self.out_features = parts[0].in_features, sum(self.split_sizes)
 
@@ -309,17 +191,24 @@ class FusedInt4Linear(nn.Module):
         CPU, act-order permutations, different kernel groups, no CPU kernel for the whole)."""
         if not all(isinstance(p, Int4Linear) and p.backend == "auto" and p.qweight.device.type == "cpu" for p in parts):
             return None
-        inputs = [p.kernel_inputs() for p in parts]
-        if any(i is None or i[3] is not None for i in inputs) or len({i[4] for i in inputs}) != 1:
+        layouts = [cpu_layout.layout(p, p.qweight.device) for p in parts]
+        if any(isinstance(lay, str) or lay.order is not None for lay in layouts) or len({lay.group for lay in layouts}) != 1:
             return None
+        group, out_features = layouts[0].group, sum(p.out_features for p in parts)
+        backend = choose.cpu_kernel_fitting(parts[0].in_features, out_features, group)
+        if backend is None:
+            return None
+        inputs = [cpu_layout.kernel_inputs(p) for p in parts]
         codes, scales, zeros = (torch.cat([i[k] for i in inputs], dim=1) for k in range(3))
-        state = pack_for_kernel(codes, scales, zeros, None, inputs[0][4])
-        return None if state is None else cls(parts, state)
+        # float32 once here: r1kit's kernel adds a float32 bias (a bf16 model's would be cast per call)
+        bias = torch.cat([p.bias.float() if p.bias is not None else torch.zeros(p.out_features) for p in parts]) \
+            if any(p.bias is not None for p in parts) else None
+        return cls(parts, backend, backend.pack(codes, scales, zeros, None, group, bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("FusedInt4Linear is for inference (the engine's); train through the Int4Linear parts")
-        return int4_matmul(x, self.state, self.out_features, self.bias)
+        return self._matmul(x, self.state)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, split_sizes={self.split_sizes}"

@@ -108,6 +108,13 @@ def default_g_idx(in_features: int, group_size: int, device: torch.device | str 
     return (torch.arange(in_features, device=device) // size).to(torch.int32)
 
 
+def groups_contiguous(g_idx: torch.Tensor, in_features: int, group_size: int) -> bool:
+    """Whether ``g_idx`` is :func:`default_g_idx`: every group a contiguous run of inputs (no act-order).
+    It reads ``g_idx``, a synchronisation on a GPU."""
+    size = group_span(in_features, group_size)
+    return bool((g_idx.long() == torch.arange(in_features, device=g_idx.device) // size).all())
+
+
 def group_span(in_features: int, group_size: int) -> int:
     """Input columns per full quantization group (``-1`` means one group over every column)."""
     return in_features if group_size == -1 else group_size

@@ -5,7 +5,8 @@ through a queue, and the loop runs ``step()`` while work remains, handing each o
 request's asyncio queue on the event loop. A request whose consumer stops listening (a client that
 disconnected) is aborted, which frees its KV blocks at once. ``r1kit serve`` runs the loop on the
 main thread (``run()``) and the HTTP server on another: on this project's 2-vCPU machines a chain of
-oneDNN linears ran about 15% slower called from a second thread than from the process's first.
+oneDNN linears ran slower called from a second thread than from the process's first
+(benchmarks/README.md, "Server overhead").
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ import queue
 import sys
 import threading
 import uuid
-from typing import AsyncIterator
-
 from r1kit.errors import ConfigError, R1kitError
 from r1kit.infer.outputs import RequestOutput, coalesce
 from r1kit.infer.sampling import SamplingParams
@@ -91,10 +90,10 @@ class AsyncEngine:
         return self._running.is_set() and self.error is None
 
     # -- requests ---------------------------------------------------------------------------------
-    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None, stream: bool = True) -> AsyncIterator[RequestOutput]:
+    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None, stream: bool = True) -> RequestStream:
         """Hand a request to the engine and wait only until it is accepted; returns its outputs
-        (cumulative, with deltas) as an async iterator, or with ``stream=False`` only the final one
-        (the event loop then wakes once for the request, not once per step). Closing the iterator
+        (cumulative, with deltas) as a :class:`RequestStream`, or with ``stream=False`` only the final
+        one (the event loop then wakes once for the request, not once per step). Closing the stream
         early aborts the request.
 
         Raises the engine's validation error (a prompt too long, …), :class:`QueueFull` when
@@ -113,49 +112,31 @@ class AsyncEngine:
         try:
             first = await queue_.get()
         except BaseException:
-            self._cancel(request_id)
+            self.abort(request_id)
             raise
         if isinstance(first, BaseException):
             self._streams.pop(request_id, None)
             raise first
-        return self._follow(request_id, queue_)
+        return RequestStream(self, request_id, queue_)
 
-    async def _follow(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        held = None  # an item read ahead while coalescing, handed out next
-        try:
-            while not finished:
-                item = held if held is not None else await stream.get()
-                held = None
-                # A consumer that fell behind (the engine stepped several times since it last read)
-                # gets one output with all those steps' new tokens: fewer, larger chunks under load.
-                while not isinstance(item, BaseException) and not item.finished and not stream.empty():
-                    nxt = stream.get_nowait()
-                    if isinstance(nxt, BaseException):
-                        held = nxt
-                        break
-                    item = coalesce(item, nxt)
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if finished:
-                self._streams.pop(request_id, None)
-            else:
-                self._cancel(request_id)
-
-    def _cancel(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> None:
+        """Stop a request: its stream is dropped at once, the engine frees its blocks at its next step."""
         self._streams.pop(request_id, None)
         self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def abort_all(self, reason: str) -> None:
+        """Stop every request (a shutdown whose grace period is over): each consumer gets
+        :class:`EngineUnavailable` with ``reason``, so that a stream ends with an error event rather
+        than being cut. Safe from any thread."""
+        self._commands.put(("abort_all", reason))
         self._wake.set()
 
     # -- the engine thread ------------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
         target = self._streams.get(request_id)
-        if target is not None:
-            loop, queue_, _ = target
-            loop.call_soon_threadsafe(queue_.put_nowait, item)
+        if target is not None and not target[0].is_closed():  # closed: the HTTP server, and its clients, are gone
+            target[0].call_soon_threadsafe(target[1].put_nowait, item)
 
     def _deliver_many(self, outputs: list[RequestOutput]) -> None:
         # one wake-up of each event loop per step, not one per request: at 32 streams the per-call
@@ -221,6 +202,13 @@ class AsyncEngine:
             self._deliver(request_id, RuntimeError(f"the engine failed on a step with this request: {exc!r}"))
         self._observe("on_abort")
 
+    def _abort_all(self, reason: str) -> None:
+        for request_id in list(self.engine.requests):
+            self._held.pop(request_id, None)
+            self.engine.abort(request_id)
+            self._observe("on_abort")
+        self._fail_waiting(EngineUnavailable(reason))
+
     def _drain_commands(self) -> None:
         while True:
             try:
@@ -231,6 +219,9 @@ class AsyncEngine:
                 self._held.pop(command[1], None)
                 if self.engine.abort(command[1]):
                     self._observe("on_abort")
+                continue
+            if command[0] == "abort_all":
+                self._abort_all(command[1])
                 continue
             _, request_id, prompt, params = command
             if request_id not in self._streams:  # the client left before the engine saw it
@@ -243,3 +234,50 @@ class AsyncEngine:
                 self._deliver(request_id, RuntimeError(f"the engine could not take the request: {exc!r}"))
             else:
                 self._deliver(request_id, _ACCEPTED)
+
+
+class RequestStream:
+    """One accepted request's outputs, as an async iterator. Leaving early (:meth:`close`, the reading
+    task cancelled while it waits, or the stream dropped unread) aborts the request: a client that
+    left must not keep its engine slot, whether or not its handler ever started reading."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+        self._engine, self.request_id, self._outputs = engine, request_id, outputs
+        self._ahead = None  # an item read ahead while coalescing, handed out next
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = self._ahead if self._ahead is not None else await self._outputs.get()
+        except BaseException:  # cancelled: the consumer is gone
+            self.close()
+            raise
+        self._ahead = None
+        # A consumer that fell behind (the engine stepped several times since it last read) gets one
+        # output with all those steps' new tokens: fewer, larger chunks under load.
+        while not isinstance(item, BaseException) and not item.finished and not self._outputs.empty():
+            nxt = self._outputs.get_nowait()
+            if isinstance(nxt, BaseException):
+                self._ahead = nxt
+                break
+            item = coalesce(item, nxt)
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self._done = True
+            self._engine._streams.pop(self.request_id, None)
+        return item
+
+    def close(self) -> None:
+        """Abort the request unless it finished (idempotent)."""
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+    __del__ = close

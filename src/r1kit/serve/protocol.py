@@ -1,24 +1,85 @@
-"""The OpenAI request bodies r1kit accepts, validated, and their translation into ``SamplingParams``.
+"""The OpenAI request bodies r1kit accepts, and their translation into ``SamplingParams``.
 
-Field names and ranges follow OpenAI's API plus vLLM's extras (``top_k``, ``min_p``,
-``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos``) and r1kit's
-``thinking_budget``. Unknown fields are rejected so a typo never passes silently. The sampling
-fields a checkpoint's ``generation_config.json`` may set default to None: a request that leaves one
-out gets the server's default (the checkpoint's, else OpenAI's), as in vLLM.
+Field names follow OpenAI's API plus vLLM's extras (``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``stop_token_ids``, ``ignore_eos``) and r1kit's ``thinking_budget``. These models check
+only the JSON's shape (types, unknown fields: a typo never passes silently); the values' ranges are
+``SamplingParams``' to check, once, for the HTTP and the Python API alike. The OpenAPI document still
+shows each range: the fields carry ``r1kit.infer.sampling.RANGES`` as schema keywords, which document
+and do not validate. The sampling fields a checkpoint's ``generation_config.json`` may set default
+to None: a request that leaves one out gets the server's default (the checkpoint's, else OpenAI's),
+as in vLLM. Every text field is :data:`Text`: valid Unicode, or a 400 that names the field.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
 
 from r1kit.generation_config import SAMPLING_FIELDS
-from r1kit.infer.sampling import SamplingParams
+from r1kit.errors import ConfigError
+from r1kit.infer.sampling import MAX_TOKEN_IDS, RANGES, SamplingParams, check_logit_bias_size
 
 
 # the fields a checkpoint's generation_config.json may default; max_tokens is each endpoint's own affair
 DEFAULTABLE = tuple(name for name in SAMPLING_FIELDS.values() if name != "max_tokens")
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates: text no tokenizer takes, nor UTF-8 encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "is not valid Unicode: a lone surrogate ({code}) at character {at}; send UTF-8 text, "
+            "with surrogates only in escaped pairs such as \\ud83d\\ude00",
+            {"code": f"U+{ord(text[exc.start]):04X}", "at": exc.start},
+        ) from None
+    return text
+
+
+# every text field of a request: checked once here, whatever the field, before any tokenizer sees it
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+def _prompt_kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "text"
+    first = value[0] if isinstance(value, list) and value else None
+    return "texts" if isinstance(first, str) else "batch" if isinstance(first, list) else "ids"
+
+
+# A batch of prompts of up to a megabyte: validated as the one shape its first entry shows, and
+# stopped at its first bad entry; a plain union validated every entry against every shape (four
+# times the work, and an error per entry per shape: 340k errors for one bad 1 MiB body).
+Prompt = Annotated[
+    Annotated[Text, Tag("text")]
+    | Annotated[list[Text], Field(fail_fast=True), Tag("texts")]
+    | Annotated[list[int], Field(fail_fast=True), Tag("ids")]
+    | Annotated[list[Annotated[list[int], Field(fail_fast=True)]], Field(fail_fast=True), Tag("batch")],
+    Discriminator(_prompt_kind),
+]
+
+
+def _bounded_logit_bias(raw: Any) -> Any:
+    # SamplingParams' bound, checked before pydantic checks each entry (an error per bad entry)
+    if isinstance(raw, dict):
+        try:
+            check_logit_bias_size(raw)
+        except ConfigError as exc:
+            raise PydanticCustomError("too_long", "{message}", {"message": str(exc)}) from None
+    return raw
+
+
+LogitBias = Annotated[dict[Text, float], BeforeValidator(_bounded_logit_bias), Field(json_schema_extra={"maxProperties": MAX_TOKEN_IDS})]
+
+
+def ranged(default: Any, name: str) -> Any:
+    """A field whose OpenAPI schema shows the range ``SamplingParams`` checks for ``name``."""
+    return Field(default, json_schema_extra=RANGES[name].json_schema())
 
 
 class StreamOptions(BaseModel):
@@ -28,50 +89,40 @@ class StreamOptions(BaseModel):
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # the request fields behind what SamplingParams and the engine call otherwise (an error's param)
+    _request_names: ClassVar[dict[str, str]] = {}
 
-    model: str | None = None
-    n: int = Field(1, ge=1, le=16)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    logit_bias: dict[str, float] | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    model: Text | None = None
+    n: int = ranged(1, "n")
+    temperature: float | None = ranged(None, "temperature")
+    top_p: float | None = ranged(None, "top_p")
+    top_k: int | None = ranged(None, "top_k")
+    min_p: float | None = ranged(None, "min_p")
+    presence_penalty: float = ranged(0.0, "presence_penalty")
+    frequency_penalty: float = ranged(0.0, "frequency_penalty")
+    repetition_penalty: float | None = ranged(None, "repetition_penalty")
+    logit_bias: LogitBias | None = None
+    stop: Text | Annotated[list[Text], Field(fail_fast=True)] | None = None
+    stop_token_ids: Annotated[list[int], Field(fail_fast=True)] | None = None
+    seed: int | None = ranged(None, "seed")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    min_tokens: int = Field(0, ge=0)
+    user: Text | None = None
+    min_tokens: int = ranged(0, "min_tokens")
     ignore_eos: bool = False
-    thinking_budget: int | None = Field(None, ge=0)
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias_keys_are_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            try:
-                int(key)
-            except ValueError:
-                raise ValueError(f"logit_bias keys are token ids, got {key!r}") from None
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
-        return value
+    thinking_budget: int | None = ranged(None, "thinking_budget")
 
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, defaults: dict[str, Any]) -> SamplingParams:
-        """The request's params; ``defaults`` (``SamplingParams`` names) fill the fields it leaves out."""
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        """The request's params; ``defaults`` (``SamplingParams`` names) fill the fields it leaves out.
+        A bad value raises ``SamplingParams``' ``ConfigError``; :meth:`field` names its request field."""
         given = {name: getattr(self, name) for name in DEFAULTABLE if getattr(self, name) is not None}
         return SamplingParams(
             **{**{k: v for k, v in defaults.items() if k in DEFAULTABLE}, **given},
             n=self.n,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()} or None,
-            stop=tuple(s for s in stops if s),
+            logit_bias=self.logit_bias or None,
+            stop=self.stop if self.stop is not None else (),
             stop_token_ids=tuple(self.stop_token_ids or ()),
             seed=self.seed,
             max_tokens=max_tokens,
@@ -82,20 +133,20 @@ class _Sampling(BaseModel):
             thinking_budget=self.thinking_budget,
         )
 
+    def field(self, param: str | None) -> str | None:
+        """The request field an error's ``param`` (a ``SamplingParams`` or engine name) is about."""
+        return self._request_names.get(param, param)
+
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0)  # None: the checkpoint's max_new_tokens, else OpenAI's 16
-    logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None  # fill-in-the-middle: the text after the hole (r1kit.fim)
+    _request_names: ClassVar[dict[str, str]] = {"prompt_logprobs": "logprobs"}  # echo's prompt logprobs
 
-    @field_validator("prompt")
-    @classmethod
-    def _not_empty(cls, value: Any) -> Any:
-        if isinstance(value, list) and not value:
-            raise ValueError("prompt is empty")
-        return value
+    prompt: Prompt
+    # None: the checkpoint's max_new_tokens, else OpenAI's 16; 0 (with echo): score the prompt only
+    max_tokens: int | None = Field(None, json_schema_extra={"minimum": 0})
+    logprobs: int | None = ranged(None, "logprobs")
+    echo: bool = False
+    suffix: Text | None = None  # fill-in-the-middle: the text after the hole (r1kit.fim)
 
     def prompts(self) -> list[str | list[int]]:
         """One prompt per entry: a string, a list of strings, token ids, or a list of token-id lists."""
@@ -110,15 +161,15 @@ class CompletionRequest(_Sampling):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    reasoning_content: str | None = None
+    content: Text | Annotated[list[ContentPart], Field(fail_fast=True)] | None = None
+    name: Text | None = None
+    reasoning_content: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -127,29 +178,60 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    _request_names: ClassVar[dict[str, str]] = {"logprobs": "top_logprobs", "prompt": "messages"}
+
+    messages: list[ChatMessage] = Field(min_length=1, fail_fast=True)
+    max_tokens: int | None = ranged(None, "max_tokens")
+    max_completion_tokens: int | None = ranged(None, "max_tokens")  # OpenAI's newer name for max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = ranged(None, "logprobs")
     add_generation_prompt: bool = True
 
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def field(self, param: str | None) -> str | None:
+        if param == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return super().field(param)
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    """Exactly one of ``prompt`` (encoded as a completion's) and ``messages`` (rendered as a chat's);
+    the OpenAPI document says so with ``oneOf``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+    model: Text | SkipJsonSchema[None] = None
+    prompt: Text | SkipJsonSchema[None] = None
+    messages: Annotated[list[ChatMessage], Field(fail_fast=True)] | SkipJsonSchema[None] = None
     add_special_tokens: bool | None = None  # None: as the request would be encoded (vLLM: prompt yes, messages no)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError("one_input", "give exactly one of prompt (text) or messages (a chat)")
+        return self
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = None
-    tokens: list[int]
+    model: Text | None = None
+    tokens: list[int] = Field(fail_fast=True)
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Messages as chat templates take them; "developer" is OpenAI's newer name for the system role."""
     return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; the OpenAPI document gives it for every error status."""
+
+    error: ErrorDetail

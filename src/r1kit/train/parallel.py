@@ -25,6 +25,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from r1kit.errors import ConfigError
+from r1kit.model.attention import Attention
+from r1kit.model.ffn import TopKFFN
+from r1kit.model.transformer import specialize
 
 
 class _AllReduceBackward(torch.autograd.Function):
@@ -44,31 +47,44 @@ class _AllReduceBackward(torch.autograd.Function):
 
 @dataclasses.dataclass
 class TensorParallelShard:
-    """What a layer needs to know about its place in the tensor-parallel group."""
+    """A layer's place in the tensor-parallel group."""
 
     group: dist.ProcessGroup
     rank: int
     size: int
 
-    def local_gate(self, g: torch.Tensor, local_heads: int) -> torch.Tensor:
-        """This rank's share of the gate [B, 1 or H, m, 1], with its gradient summed over ranks."""
-        g = _AllReduceBackward.apply(g, self.group)
-        if g.shape[1] == 1:
-            return g
-        return g[:, self.rank * local_heads : (self.rank + 1) * local_heads]
-
-    def topk_mask(self, magnitude: torch.Tensor, k: int) -> torch.Tensor:
-        """Boolean mask of this rank's neurons that are among the global top-``k`` by magnitude."""
-        local = magnitude.topk(min(k, magnitude.shape[-1]), dim=-1).values.contiguous()
-        gathered = [torch.empty_like(local) for _ in range(self.size)]
-        dist.all_gather(gathered, local, group=self.group)
-        threshold = torch.cat(gathered, dim=-1).topk(k, dim=-1).values[..., -1:]
-        return magnitude >= threshold
-
     def sum_over_ranks(self, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().clone()
         dist.all_reduce(value, group=self.group)
         return value
+
+
+class TensorParallelAttention(Attention):
+    """An attention layer whose heads are sharded: its hybrid gate keeps this rank's heads."""
+
+    shard: TensorParallelShard
+
+    def mix_weight(self, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the gate [B, 1 or H/tp, m, 1], with its gradient summed over ranks."""
+        g = _AllReduceBackward.apply(super().mix_weight(x, q), self.shard.group)
+        if g.shape[1] == 1:
+            return g
+        local_heads = q.shape[1]
+        return g[:, self.shard.rank * local_heads : (self.shard.rank + 1) * local_heads]
+
+
+class TensorParallelTopKFFN(TopKFFN):
+    """A Top-K FFN holding a slice of the neurons: it keeps those among the global top-k."""
+
+    shard: TensorParallelShard
+
+    def keep(self, magnitude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        local = magnitude.topk(min(self.k, magnitude.shape[-1]), dim=-1).values.contiguous()
+        gathered = [torch.empty_like(local) for _ in range(self.shard.size)]
+        dist.all_gather(gathered, local, group=self.shard.group)
+        threshold = torch.cat(gathered, dim=-1).topk(self.k, dim=-1).values[..., -1:]
+        mask = magnitude >= threshold
+        return mask, self.shard.sum_over_ranks((magnitude * mask).sum(-1)), self.shard.sum_over_ranks(magnitude.sum(-1))
 
 
 def apply_tp(model, mesh: DeviceMesh) -> None:
@@ -91,6 +107,7 @@ def apply_tp(model, mesh: DeviceMesh) -> None:
     shard = TensorParallelShard(group=mesh.get_group(), rank=mesh.get_local_rank(), size=size)
     for layer in model.model.layers:
         parallelize_module(layer, mesh, plan)
-        layer.self_attn.tp = shard
-        if hasattr(layer.mlp, "sparsity"):
-            layer.mlp.tp = shard
+        layer.self_attn = specialize(layer.self_attn, TensorParallelAttention, shard=shard)
+        if isinstance(layer.mlp, TopKFFN):
+            # the gather path ranks neurons within one device's rows: a shard never takes it
+            layer.mlp = specialize(layer.mlp, TensorParallelTopKFFN, shard=shard, gather_max_tokens=0)

@@ -10,6 +10,7 @@ This module never decides the architecture or the data: it is given both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from r1kit.errors import ConfigError
 from r1kit.model.sparsity import SparsityController
 from r1kit.model.transformer import R1kitForCausalLM
 from r1kit.train import distributed
-from r1kit.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from r1kit.train.checkpoint import check_run_dir, resume_point, save_checkpoint
 from r1kit.train.config import TrainConfig
 from r1kit.train.schedule import lr_at
 
@@ -108,8 +109,11 @@ class Trainer:
             raise ConfigError("train.precision=fp16 needs a CUDA device (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
         self.data = ShardDataset(config.data, "train", config.seq_len, seed=config.seed)
         self.val = ShardDataset(config.data, "val", config.seq_len, shuffle=False)
+        self.validate = self._check_data()
+        check_run_dir(self.out)
         self.tokenizer_file = self._find_tokenizer()
-        checkpoint = latest_checkpoint(self.out) if resume else None
+        resumed = resume_point(self.out, self.dist.rank if self.dist.tp > 1 else 0, log) if resume else None
+        checkpoint = resumed[0] if resumed else None
         if resume and checkpoint is None:
             log(f"no checkpoint under {self.out / 'checkpoints'}: starting from step 0")
         torch.manual_seed(config.seed)
@@ -127,9 +131,10 @@ class Trainer:
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.controller = SparsityController(self.model, config.sparsity_control) if self.model.topk_layers() and config.sparsity_control else None
+        self.gate_means = watch_gates(self.model)
         self.state = LoopState(micro_batch_size=config.micro_batch_size, grad_accum=config.grad_accum)
-        if checkpoint is not None:
-            self._restore(checkpoint)
+        if resumed is not None:
+            self._restore(*resumed)
         self.flops_per_token = flops_per_token(self.model.config, config.seq_len)
         dtype = AUTOCAST[config.precision] or torch.float32
         self.peak_flops = measure_peak_flops(self.device, dtype)
@@ -137,13 +142,45 @@ class Trainer:
         self.tb = None
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _check_data(self) -> bool:
+        """Fail before anything is written when the train split cannot fill one block; returns whether to validate.
+
+        An empty val split is an error while validation is asked for (``eval_every`` > 0); with
+        ``eval_every: 0`` it turns validation off, saying so, and the summary's val loss is null.
+        """
+        block = self.config.seq_len + 1
+        if len(self.data) == 0:
+            raise ConfigError(
+                f"the train split of {self.config.data} has {self.data.tokens} tokens, fewer than one block of "
+                f"seq_len + 1 = {block}: prepare more data, or lower train.seq_len"
+            )
+        if len(self.val):
+            return True
+        problem = f"the val split of {self.config.data} has {self.val.tokens} tokens, fewer than one block of seq_len + 1 = {block}"
+        if self.config.eval_every:
+            raise ConfigError(
+                f"{problem}, so there is nothing to validate on: re-run `r1kit prepare` with a larger --val-fraction "
+                f"(it was {self.data.index.get('val_fraction', 'not recorded')}), lower train.seq_len, "
+                "or set train.eval_every to 0 to train without validation"
+            )
+        self.log(f"{problem}: training without validation (train.eval_every is 0)")
+        return False
+
     def _find_tokenizer(self) -> Path | None:
         rel = self.data.index.get("tokenizer")
-        file = (Path(self.config.data) / rel).resolve() if rel else None
-        return file if file is not None and file.is_file() else None
+        if not rel:
+            return None
+        file = (Path(self.config.data) / rel).resolve()
+        if not file.is_file():
+            # without it the exported model could not be used by generate or serve
+            raise ConfigError(
+                f"{self.data.directory / 'index.json'} names the tokenizer {rel!r} ({file}), which is missing: "
+                "put back the tokenizer.json that `r1kit prepare` wrote there, or re-run prepare"
+            )
+        return file
 
     def _build_model(self, model_config: ModelConfig | None, checkpoint: Path | None) -> R1kitForCausalLM:
-        from r1kit.model.hf import load_model
+        from r1kit.checkpoints import load_model
 
         source = checkpoint or (Path(self.config.init_from) if self.config.init_from else None)
         if source is not None:
@@ -152,8 +189,7 @@ class Trainer:
             model = R1kitForCausalLM(model_config).to(self.device)
         return model.train()
 
-    def _restore(self, checkpoint: Path) -> None:
-        state = load_trainer_state(checkpoint, self.dist.rank if self.dist.tp > 1 else 0)
+    def _restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(state["data"])
@@ -171,7 +207,7 @@ class Trainer:
         file = self.out / "metrics.jsonl"
         if not file.is_file() or not self.dist.is_main:
             return
-        keep = [line for line in file.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        keep = [line for line in file.read_text().splitlines() if _metrics_step(line) <= step]
         tmp = file.with_name(".metrics.jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         tmp.replace(file)
@@ -236,10 +272,8 @@ class Trainer:
         }  # fmt: skip
         if self.dist.is_main:
             dump_json(summary, self.out / "summary.json")
-        self.log(
-            f"done: {self.state.step} steps, val loss {final_val['val_loss']:.4f}, val perplexity {final_val['val_ppl']:.2f} "
-            f"(unigram baseline {baseline:.1f}) -> {model_dir}"
-        )
+        val = f"val loss {final_val['val_loss']:.4f}, val perplexity {final_val['val_ppl']:.2f}" if self.validate else "no validation"
+        self.log(f"done: {self.state.step} steps, {val} (unigram baseline {baseline:.1f}) -> {model_dir}")
         if self.tb is not None:
             self.tb.close()
         return summary
@@ -291,8 +325,11 @@ class Trainer:
         return distributed.mean(total_loss, self.dist), float(grad_norm)
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss and perplexity over the first ``eval_batches`` blocks of the validation split."""
+    def evaluate(self) -> dict[str, float | None]:
+        """Mean loss and perplexity over the first ``eval_batches`` blocks of the validation split
+        (None for both when validation is off: JSON null, never NaN)."""
+        if not self.validate:
+            return {"step": self.state.step, "val_loss": None, "val_ppl": None}
         self.model.eval()
         n = min(len(self.val), self.config.eval_batches * self.config.micro_batch_size)
         total_loss, total_tokens = 0.0, 0
@@ -306,8 +343,8 @@ class Trainer:
             total_loss += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").item()
             total_tokens += y.numel()
         self.model.train()
-        val_loss = total_loss / total_tokens if total_tokens else float("nan")
-        return {"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss) if total_tokens else float("nan")}
+        val_loss = total_loss / total_tokens  # _check_data made sure there is at least one block
+        return {"step": self.state.step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)}
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self) -> None:
@@ -345,12 +382,8 @@ class Trainer:
         return final
 
     def _gate_means(self) -> dict[str, float]:
-        """Mean local-branch weight of each hybrid layer in the last forward (1 = all local)."""
-        return {
-            str(i): round(float(layer.self_attn.last_gate_mean), 4)
-            for i, layer in enumerate(self.model.model.layers)
-            if layer.self_attn.last_gate_mean is not None
-        }
+        """Mean local-branch weight of each hybrid layer in the last training forward (1 = all local)."""
+        return {str(i): round(float(mean), 4) for i, mean in sorted(self.gate_means.items())}
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
@@ -364,6 +397,30 @@ class Trainer:
             for group in ("sparsity", "gate"):
                 for layer, value in record.get(group, {}).items():
                     self.tb.add_scalar(f"{group}/layer{layer}", value, record["step"])
+
+
+def watch_gates(model: R1kitForCausalLM) -> dict[int, torch.Tensor]:
+    """A dict that forward hooks on each hybrid layer's gate network fill, by layer, with the mean
+    local-branch weight (sigmoid of the gate) of its latest training forward. Kept as tensors: no
+    device sync on every forward, only when the metrics are written."""
+    means: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(model.model.layers):
+        if layer.self_attn.kind == "hybrid":
+            layer.self_attn.gate.register_forward_hook(functools.partial(_record_gate_mean, means, i))
+    return means
+
+
+def _record_gate_mean(means: dict[int, torch.Tensor], layer: int, module, args, out: torch.Tensor) -> None:
+    if module.training:
+        means[layer] = torch.sigmoid(out.detach()).float().mean()
+
+
+def _metrics_step(line: str) -> float:
+    """The step of a metrics line; infinity for a torn line (a run killed mid-write, a full disk), which is dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return math.inf
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""`r1kit <verb>`: the command line. Each verb lives in the module of the stage it drives.
+"""`r1kit <verb>`: the command line. Each verb is a module of this package, a thin shell over the
+stage it drives (``prepare`` over :mod:`r1kit.data`, ``quantize`` over :mod:`r1kit.quant`, ...).
 
 A verb module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only
 for the verb being run, so ``r1kit --help`` and the light verbs do not pay for the heavy ones.
@@ -15,17 +16,17 @@ from r1kit.errors import R1kitError
 
 # verb -> (module, one-line help). Order is the order users meet them in.
 VERBS: dict[str, tuple[str, str]] = {
-    "quickstart": ("r1kit.quickstart", "the whole reproduction on the embedded corpus: prepare, train, quantize, evaluate, report"),
-    "prepare": ("r1kit.data.cli", "clean, filter, deduplicate and tokenize a corpus into training shards"),
-    "pull": ("r1kit.checkpoints.pull_cli", "fetch a known model or a Hugging Face repo into r1kit's cache"),
-    "convert": ("r1kit.checkpoints.convert_cli", "convert a GGUF file to a model directory, or a model directory to GGUF"),
-    "init": ("r1kit.model.init_cli", "create a randomly initialised model directory from a config"),
-    "train": ("r1kit.train.cli", "train a model on token shards (single process or under torchrun)"),
-    "eval": ("r1kit.train.eval_cli", "evaluate a model: perplexity overall and by position"),
-    "quantize": ("r1kit.quant.cli", "quantize a model to 4-bit GPTQ (or RTN) and write a GPTQ checkpoint"),
-    "serve": ("r1kit.serve.cli", "serve a model over an OpenAI-compatible HTTP API (health, metrics, streaming)"),
-    "generate": ("r1kit.infer.generate_cli", "generate text from a model directory (the engine; --reference for the plain decoding loop)"),
-    "bench": ("r1kit.infer.bench_cli", "measure the engine's throughput and latency on a model directory or config"),
+    "quickstart": ("r1kit.cli.quickstart", "the whole reproduction on the embedded corpus: prepare, train, quantize, evaluate, report"),
+    "prepare": ("r1kit.cli.prepare", "clean, filter, deduplicate and tokenize a corpus into training shards"),
+    "pull": ("r1kit.cli.pull", "fetch a known model or a Hugging Face repo into r1kit's cache"),
+    "convert": ("r1kit.cli.convert", "convert a GGUF file to a model directory, or a model directory to GGUF"),
+    "init": ("r1kit.cli.init", "create a randomly initialised model directory from a config"),
+    "train": ("r1kit.cli.train", "train a model on token shards (single process or under torchrun)"),
+    "eval": ("r1kit.cli.eval", "evaluate a model: perplexity overall and by position"),
+    "quantize": ("r1kit.cli.quantize", "quantize a model to 4-bit GPTQ (or RTN) and write a GPTQ checkpoint"),
+    "serve": ("r1kit.cli.serve", "serve a model over an OpenAI-compatible HTTP API (health, metrics, streaming)"),
+    "generate": ("r1kit.cli.generate", "generate text from a model directory (the engine; --reference for the plain decoding loop)"),
+    "bench": ("r1kit.cli.bench", "measure the engine's throughput and latency on a model directory or config"),
 }
 
 
@@ -58,6 +59,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r1kit {args.verb}: error: {exc}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,15 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
+from r1kit.device import DTYPE_CHOICES, resolve_dtype
 from r1kit.generation_config import MODES, GenerationConfig
 from r1kit.infer.sampling import SamplingParams
 
 # the seed's §6.2 recipe against repetitive output: the defaults when neither a flag nor the model sets one
 RECIPE = {"temperature": 0.9, "top_k": 50, "top_p": 0.92, "min_p": 0.0, "repetition_penalty": 1.2, "max_tokens": 256}
 FLAGS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p", "repetition_penalty": "repetition_penalty", "max_tokens": "max_new_tokens"}
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (default): the model's generation_config.json fills the sampling flags left out; none: the seed's recipe")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: the checkpoint's; float16 runs as bfloat16 in the engine on the CPU)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (default: the checkpoint's; float16 runs as bfloat16 in the engine on the CPU)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--show-ids", action="store_true", help="print the generated token ids after the text")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the text ends before it")
@@ -57,12 +55,12 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args, generation)
     if args.reference:
         return _run_reference(args, model_dir, params, generation)
-    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.tokenizer import load_tokenizer
     from r1kit.infer.llm import LLM
 
     params = params.replace(stop=tuple(args.stop), thinking_budget=args.thinking_budget)
     tokenizer = load_tokenizer(model_dir)
-    llm = LLM(model_dir, tokenizer, dtype=DTYPES[args.dtype], device=args.device, generation_config=args.generation_config, max_num_seqs=1)
+    llm = LLM(model_dir, tokenizer, dtype=resolve_dtype(args.dtype, "--dtype"), device=args.device, generation_config=args.generation_config, max_num_seqs=1)
     engine = llm.llm_engine
     engine.add_request("cli", args.prompt, llm.request_params(params))
     sys.stdout.write(args.prompt)
@@ -80,11 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_reference(args: argparse.Namespace, model_dir: Path, params: SamplingParams, generation: GenerationConfig) -> int:
     from r1kit.checkpoints.load import load_model
-    from r1kit.data.tokenizer import EOS, load_tokenizer
+    from r1kit.tokenizer import EOS, load_tokenizer
     from r1kit.infer.generate import stream_tokens
 
     tokenizer = load_tokenizer(model_dir)
-    model = load_model(model_dir, dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(model_dir, dtype=resolve_dtype(args.dtype, "--dtype"), device=args.device)
     eos = model.config.eos_token_id
     eos_ids = [e for e in (eos if isinstance(eos, tuple) else [eos if eos is not None else tokenizer.token_to_id(EOS)]) if e is not None]
     params = params.with_eos_ids(generation.extra_stop_ids(eos_ids, model.config.vocab_size))

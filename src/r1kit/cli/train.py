@@ -17,7 +17,7 @@ _SKIP = {"sparsity_control"}  # a nested section: set it in the YAML
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="run config YAML (`model:` and `train:` sections), e.g. configs/tiny-cpu.yaml")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint under --out")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint under --out (damaged newer ones are skipped, saying why)")
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name in _SKIP:
@@ -34,10 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from r1kit.errors import R1kitError
     from r1kit.train.config import load_run_config
     from r1kit.train.trainer import Trainer
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in _SKIP}
     model_config, train_config = load_run_config(args.config, overrides)
-    Trainer(model_config, train_config, resume=args.resume).run()
+    try:
+        Trainer(model_config, train_config, resume=args.resume).run()
+    except OSError as exc:  # a full or failing disk: checkpoints are atomic, so the last one written is whole
+        raise R1kitError(f"{exc}. Fix the cause (free space) and continue from the last checkpoint with --resume") from exc
     return 0

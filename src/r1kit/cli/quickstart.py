@@ -43,7 +43,7 @@ def _cli(*argv: str) -> None:
 def _config_path(args: argparse.Namespace) -> Path:
     if args.config:
         return Path(args.config)
-    return Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml"
+    return Path(__file__).resolve().parents[3] / "configs" / "tiny-cpu.yaml"
 
 
 # -- stages ------------------------------------------------------------------------------------------
@@ -100,8 +100,8 @@ def _models(out: Path) -> dict[str, Path]:
 def stage_evaluate(args, out: Path) -> dict[str, Any]:
     import torch
 
-    from r1kit.model.hf import load_model
-    from r1kit.train.eval_cli import blocks_from, perplexity
+    from r1kit.checkpoints import load_model
+    from r1kit.evaluate import blocks_from, perplexity
 
     # the blocks the trainer validated on (8 batches of 16 at 128 tokens in tiny-cpu): the fp32 row matches its figure
     blocks = blocks_from(str(out / "data" / "shards"), str(out / "train" / "model"), 128, 16 if args.small else 128)
@@ -129,10 +129,10 @@ def held_out_prompts(out: Path, count: int, tokens: int = 24) -> list[list[int]]
 def stage_generate(args, out: Path) -> dict[str, Any]:
     import torch
 
-    from r1kit.data.tokenizer import load_tokenizer
+    from r1kit.tokenizer import load_tokenizer
     from r1kit.infer.generate import generate
     from r1kit.infer.sampling import SamplingParams
-    from r1kit.model.hf import load_model
+    from r1kit.checkpoints import load_model
 
     tok = load_tokenizer(out / "train" / "model")
     prompts = held_out_prompts(out, 2 if args.small else 4)

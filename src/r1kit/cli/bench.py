@@ -5,18 +5,17 @@ request's first token), time to first token, and the achieved memory bandwidth a
 (parameter bytes × tokens/s, gpt-fast's figure) beside the machine's measured copy and read bandwidth;
 then the time to first token of a long prompt cold and with its prefix cached. With
 ``--reference`` it also times the reference loop (requests one after another) in the same run and
-prints the ratio. The measuring functions are reused by ``benchmarks/bench_engine.py``.
+prints the ratio. The measuring functions live in :mod:`r1kit.infer.benchmark`.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 
-from r1kit.infer.llm import DTYPES
+from r1kit.device import DTYPE_CHOICES, resolve_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request (default 128)")
     parser.add_argument("--prefix-len", type=int, default=2048, help="prompt length of the cold vs cached time-to-first-token test; 0 skips it (default 2048)")
     parser.add_argument("--reference", action="store_true", help="also time the reference decoding loop and print engine/reference ratios")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype (default: the checkpoint's, float32 for --config)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="weights dtype (default: the checkpoint's, float32 for --config)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
@@ -36,120 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and random weights (default 0)")
 
 
-def random_prompts(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(count)]
-
-
-def time_engine(llm, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    """Run all prompts concurrently; decode rate is measured once every request has its first token."""
-    from r1kit.infer.sampling import SamplingParams
-
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    for p in prompts:
-        engine.add_request(None, p, params)
-    first: dict[str, float] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            first.setdefault(out.request_id, time.perf_counter())
-    end = time.perf_counter()
-    all_started = max(first.values())
-    decode_tokens = len(prompts) * (new_tokens - 1)
-    return {
-        "ttft": sum(t - start for t in first.values()) / len(first),
-        "decode_tps": decode_tokens / max(end - all_started, 1e-9),
-        "total_tps": len(prompts) * new_tokens / (end - start),
-    }
-
-
-def time_arrivals(llm, prompts: list[list[int]], new_tokens: int, per_step: int | None) -> float:
-    """Tokens/s when ``per_step`` requests join before each step (None: all before the first), the
-    way a server's requests trickle in: most steps then mix prefills with decodes."""
-    from r1kit.infer.sampling import SamplingParams
-
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    pending = list(prompts)
-    start = time.perf_counter()
-    while pending or engine.has_unfinished_requests():
-        for p in pending[: per_step or len(pending)]:
-            engine.add_request(None, p, params)
-        del pending[: per_step or len(pending)]
-        engine.step()
-    return len(prompts) * new_tokens / (time.perf_counter() - start)
-
-
-def time_reference(model, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    """The reference loop, one request after another."""
-    from r1kit.infer.generate import stream_tokens
-    from r1kit.infer.sampling import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
-    ttft = decode_time = 0.0
-    start = time.perf_counter()
-    for p in prompts:
-        t0 = time.perf_counter()
-        for i, _ in enumerate(stream_tokens(model, p, params)):
-            if i == 0:
-                t1 = time.perf_counter()
-                ttft += t1 - t0
-        decode_time += time.perf_counter() - t1
-    end = time.perf_counter()
-    return {
-        "ttft": ttft / len(prompts),
-        "decode_tps": len(prompts) * (new_tokens - 1) / max(decode_time, 1e-9),
-        "total_tps": len(prompts) * new_tokens / (end - start),
-    }
-
-
-def time_prefix_ttft(llm, length: int, vocab: int, seed: int) -> tuple[float, float, int]:
-    """(cold TTFT, cached TTFT, cached tokens) for one ``length``-token prompt run twice."""
-    from r1kit.infer.sampling import SamplingParams
-
-    prompt = random_prompts(1, length, vocab, seed + 1)[0]
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    t0 = time.perf_counter()
-    llm.generate([prompt], params)
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = llm.generate([prompt], params)[0]
-    return cold, time.perf_counter() - t0, out.num_cached_tokens
-
-
-def memory_bandwidth(device: str = "cpu", mib: int = 256) -> tuple[float, float]:
-    """(copy: bytes read + written per second by a large tensor copy, read: bytes per second of a
-    large sum), best of 5 each. A decode step only reads its weights, so it can pass the copy figure."""
-    src = torch.ones(mib * 2**20 // 4, device=device)
-    dst = torch.empty_like(src)
-
-    def best(op) -> float:
-        fastest = float("inf")
-        for _ in range(5):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            op()
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            fastest = min(fastest, time.perf_counter() - t0)
-        return fastest
-
-    nbytes = src.numel() * 4
-    return 2 * nbytes / best(lambda: dst.copy_(src)), nbytes / best(src.sum)
-
-
-def model_bytes(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
 def run(args: argparse.Namespace) -> int:
+    from r1kit.infer.benchmark import memory_bandwidth, model_bytes, random_prompts, time_engine, time_prefix_ttft, time_reference
     from r1kit.config import ModelConfig
     from r1kit.device import resolve_device
     from r1kit.errors import ConfigError
@@ -162,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not sizes or min(sizes) < 1 or args.prompt_len < 1 or args.new_tokens < 2:
         raise ConfigError("--batch-sizes must be positive, --prompt-len >= 1 and --new-tokens >= 2")
-    dtype = DTYPES[args.dtype]
+    dtype = resolve_dtype(args.dtype, "--dtype")
     if args.model:
         model = load_model(args.model, dtype=dtype, device=args.device)
     else:

@@ -1,5 +1,9 @@
 """The project tokenizer: a byte-level BPE (Hugging Face ``tokenizers``) saved as ``tokenizer.json``.
 
+Its own module, below every stage: ``prepare`` trains it, the model's ``init`` sizes the vocabulary
+from it, the engine, server and applications load it (a checkpoint's own ``tokenizer.json``, r1kit's
+or another project's, loads the same way).
+
 Byte-level means every string encodes and ``decode(encode(x)) == x``. The special tokens are the
 ones the chat template and reasoning format need. This module must never write a non-standard
 file: model directories load it with ``tokenizers.Tokenizer.from_file``.
@@ -75,7 +79,7 @@ def cached_tokenizer(path: str) -> Tokenizer:
 
 def _encode(texts: list[str], tokenizer_path: str) -> list:
     tok = cached_tokenizer(tokenizer_path)
-    # encode_batch_fast (tokenizers >= 0.21) skips character offsets, which we never use: ~2x faster
+    # encode_batch_fast (tokenizers >= 0.21) skips computing character offsets, which we never use
     return getattr(tok, "encode_batch_fast", tok.encode_batch)(texts, add_special_tokens=False)
 
 

@@ -74,9 +74,14 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
 
 def run(args: argparse.Namespace) -> int:
     from r1kit.data.pipeline import run_prepare
+    from r1kit.errors import R1kitError
 
     cfg = config_from_args(args)
-    report = run_prepare(cfg)
+    try:
+        report = run_prepare(cfg)
+    except OSError as exc:  # a full or failing disk: every file is written atomically, so a re-run resumes
+        raise R1kitError(f"{exc}. Nothing half-written was kept: fix the cause (free space) and run the same "
+                         "command again; it resumes at the stage (or shard) it reached") from exc
     print(f"{'stage':<12}{'in':>9}{'kept':>9}{'dropped':>9}  reasons")
     for s in report["stages"]:
         print(f"{s['stage']:<12}{s['in']:>9}{s['kept']:>9}{s['dropped']:>9}  {s['reasons'] or ''}")

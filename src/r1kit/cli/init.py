@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{out} already holds a model; pass --force to overwrite it or choose another --out")
     config = ModelConfig.from_yaml(args.config)
     if args.tokenizer:
-        from r1kit.data.tokenizer import BOS, EOS, PAD, load_tokenizer
+        from r1kit.tokenizer import BOS, EOS, PAD, load_tokenizer
 
         tok = load_tokenizer(args.tokenizer)
         config = dataclasses.replace(
