@@ -124,7 +124,8 @@ def main() -> None:
     print(f"model: SmolLM2-135M-Instruct ({gguf.name}); {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
     base = load_gguf_model(gguf)
 
-    held = blocks(tok.encode(held_out_text()).ids, args.eval_blocks, 513)
+    text_ids = tok.encode(held_out_text()).ids  # held-out perplexity and the speed runs' prompts
+    held = blocks(text_ids, args.eval_blocks, 513)
     calibration = blocks(tok.encode(calibration_text()).ids, args.calib_samples, args.calib_len)
     int4_models = {}
     if not args.skip_quality:
@@ -143,7 +144,6 @@ def main() -> None:
             int4_models[method] = model
     int4 = int4_models.get("gptq") or quantized(base, "rtn", args.group_size, calibration)[0]
 
-    text_ids = tok.encode(held_out_text()).ids
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     hf = None
     if not args.no_hf:

@@ -179,3 +179,19 @@ def test_a_view_directory_points_at_its_gguf_and_is_made_once(tmp_path):
     stamp = (view / "config.json").stat().st_mtime_ns
     assert gguf_view(path, home) == view and (view / "config.json").stat().st_mtime_ns == stamp
     assert not (view / "model.safetensors").exists()  # weights stay in the GGUF
+
+
+def test_a_gguf_file_is_a_model_for_quantize_and_bench(tmp_path, monkeypatch, capsys):
+    from r1kit.checkpoints import load_model
+    from r1kit.cli import main
+
+    monkeypatch.setenv("R1KIT_HOME", str(tmp_path / "home"))
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, "qwen2", layers=1)
+    out = tmp_path / "int4"
+    assert main(["quantize", "--model", str(path), "--method", "rtn", "--out", str(out), "--no-progress"]) == 0
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
+    assert not (out / "gguf_source.json").exists()  # the copy stands alone, not pointing at the GGUF
+    assert load_model(out).model.layers[0].self_attn.q_proj.__class__.__name__ == "Int4Linear"
+    assert main(["bench", "--model", str(path), "--batch-sizes", "1", "--prompt-len", "16", "--new-tokens", "8", "--prefix-len", "0"]) == 0
+    assert "tok/s" in capsys.readouterr().out

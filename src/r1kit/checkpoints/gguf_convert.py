@@ -21,7 +21,7 @@ from r1kit.config import dump_json
 SOURCE_FILE = "gguf_source.json"  # in a view directory: {"path": the GGUF whose weights it stands for}
 
 
-def write_side_files(reader, folder: Path, where: str) -> dict:
+def write_side_files(reader, folder: Path, where: str) -> None:
     """``config.json``, ``generation_config.json`` and the tokenizer files of a GGUF into ``folder``."""
     from r1kit.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 
@@ -30,26 +30,17 @@ def write_side_files(reader, folder: Path, where: str) -> dict:
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     dump_json(generation, folder / "generation_config.json")
     tokenizer_from_gguf(reader).save(folder)
-    return config
 
 
-def load_gguf_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """The r1kit model of a llama/qwen2 GGUF, weights dequantized (float32 unless ``dtype`` says otherwise)."""
-    from r1kit.device import resolve_device
-    from r1kit.model.hf import check_weights, config_from_hf, finish_load
-    from r1kit.model.transformer import R1kitForCausalLM
+def load_gguf_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", reader=None):
+    """The r1kit model of a llama/qwen2 GGUF, weights dequantized (float32 unless ``dtype`` says otherwise);
+    ``reader``: the file already opened with :func:`open_gguf`."""
+    from r1kit.model.hf import config_from_hf, model_from_state
 
-    device = resolve_device(device)
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)
     raw = hf_config(reader, str(path))
-    config = config_from_hf(raw, where=str(path))
     state = read_weights(reader, raw, str(path))
-    with torch.device("meta"):
-        model = R1kitForCausalLM(config)
-    expected = model.state_dict()
-    check_weights(Path(path), expected, state, config.tie_embeddings)
-    target = dtype or torch.float32
-    return finish_load(model, {k: v.to(device=device, dtype=target) for k, v in state.items()}, device)
+    return model_from_state(config_from_hf(raw, where=str(path)), state, Path(path), dtype or torch.float32, device)
 
 
 def convert_gguf(path: str | Path, out: str | Path) -> Path:
@@ -60,7 +51,7 @@ def convert_gguf(path: str | Path, out: str | Path) -> Path:
     with staging_dir(out) as tmp:
         reader = open_gguf(path)
         write_side_files(reader, tmp, str(path))
-        save_model(load_gguf_model(path), tmp)
+        save_model(load_gguf_model(path, reader=reader), tmp)
     return out
 
 

@@ -210,24 +210,28 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
 
     Every other kind (GPTQ, GGUF, a pulled model's name) goes through :func:`r1kit.checkpoints.load_model`,
     which calls this for float directories."""
-    device = resolve_device(device)
-    from r1kit.model.transformer import R1kitForCausalLM
-
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {path} does not exist")
     config = load_config(path)
     if (path / "quantize_config.json").is_file() or "quantization_config" in json.loads((path / "config.json").read_text(encoding="utf-8")):
         raise CheckpointError(f"{path} holds quantized weights; load it with r1kit.checkpoints.load_model (int4 layers come from r1kit.quant)")
-    state = read_safetensors(weight_files(path))
+    return model_from_state(config, read_safetensors(weight_files(path)), path, dtype or DTYPES.get(config.torch_dtype, torch.float32), device)
+
+
+def model_from_state(config: ModelConfig, state: dict[str, torch.Tensor], where: Path, dtype: torch.dtype,
+                     device: str | torch.device = "cpu"):
+    """The model of ``config`` holding ``state`` (Hugging Face names, checked against the config) in ``dtype``."""
+    from r1kit.model.transformer import R1kitForCausalLM
+
+    device = resolve_device(device)
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = R1kitForCausalLM(config)
     expected = model.state_dict()
-    check_weights(path, expected, state, config.tie_embeddings)
-    target = dtype or DTYPES.get(config.torch_dtype, torch.float32)
-    return finish_load(model, {k: v.to(device=device, dtype=target) for k, v in state.items() if k in expected}, device)
+    check_weights(where, expected, state, config.tie_embeddings)
+    return finish_load(model, {k: v.to(device=device, dtype=dtype) for k, v in state.items() if k in expected}, device)
 
 
 def finish_load(model, state: dict[str, torch.Tensor], device: str | torch.device):
