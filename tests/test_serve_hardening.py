@@ -112,7 +112,14 @@ def test_item1_a_chunked_upload_is_refused_as_it_passes_the_limit(a):
             if select.select([s], [], [], 0)[0]:
                 answer = s.recv(4096)
     except (BrokenPipeError, ConnectionResetError):
+        # the server closed with our unread upload in its buffers, so its kernel reset the connection;
+        # the 413 it wrote before that still waits in ours
         pass
+    if not answer:
+        try:
+            answer = s.recv(4096)
+        except (ConnectionResetError, TimeoutError):
+            pass
     s.close()
     assert answer.startswith(b"HTTP/1.1 413"), (sent, answer[:100])
     # answered mid-upload (what was sent past the limit sat in the kernel's buffers); the old guard read
@@ -329,7 +336,8 @@ def test_huge_requests_are_refused_at_once(b, body, param):
     start = time.time()
     r = httpx.post(b.base + "/v1/completions", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
-    assert time.time() - start < 0.5
+    # one short error, answered before any work is queued (the hole: 60k errors listed, or n=1e9 queued)
+    assert len(r.content) < 2048 and time.time() - start < 5
 
 
 def test_an_error_that_quotes_a_surrogate_is_still_a_json_400(a):
