@@ -44,3 +44,16 @@ def smollm2_dir(smollm2_gguf):
     from r1kit.checkpoints.pull import pull
 
     return pull("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf):
+    """transformers' own reading of the real GGUF (model, tokenizer): the independent reference, loaded once."""
+    from pathlib import Path
+
+    import transformers
+
+    path = Path(smollm2_gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model.eval(), tok

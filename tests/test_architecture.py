@@ -13,12 +13,22 @@ import pytest
 
 import r1kit.model
 
-UPPER = ("r1kit.train", "r1kit.quant", "r1kit.infer", "r1kit.serve", "r1kit.data", "r1kit.checkpoints")
-MODEL_DIR = Path(r1kit.model.__file__).parent
-LEAF_FILES = sorted(MODEL_DIR.glob("*.py")) + [MODEL_DIR.parent / "config.py"]
+APPLIED = ("r1kit.apps", "r1kit.reason", "r1kit.claims", "r1kit.cli")  # what drives the stages, top down
+UPPER = ("r1kit.train", "r1kit.quant", "r1kit.infer", "r1kit.serve", "r1kit.data", "r1kit.checkpoints", *APPLIED)
+SRC = Path(r1kit.model.__file__).parents[1]
+MODEL_DIR = SRC / "model"
+LEAF_FILES = sorted(MODEL_DIR.glob("*.py")) + [SRC / "config.py"]
+# each package and the packages above it that it must never import
+NEVER = {
+    **{f"r1kit.{p}": APPLIED + ("r1kit.serve",) for p in ("data", "train", "quant", "checkpoints", "infer")},
+    "r1kit.serve": APPLIED[1:],  # apps mount on the server from the command line, never the other way
+    "r1kit.apps": ("r1kit.claims", "r1kit.cli"),
+    "r1kit.reason": ("r1kit.apps", "r1kit.claims", "r1kit.cli"),
+    "r1kit.claims": ("r1kit.cli",),
+}
 
 
-def upward_imports(path: Path) -> list[str]:
+def upward_imports(path: Path, upper: tuple[str, ...] = UPPER) -> list[str]:
     """``line: module`` for each import of an upper package anywhere in the file."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -28,13 +38,21 @@ def upward_imports(path: Path) -> list[str]:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         else:
             continue
-        found += [f"{node.lineno}: {name}" for name in names if any(name == up or name.startswith(up + ".") for up in UPPER)][:1]
+        found += [f"{node.lineno}: {name}" for name in names if any(name == up or name.startswith(up + ".") for up in upper)][:1]
     return found
 
 
 @pytest.mark.parametrize("path", LEAF_FILES, ids=lambda p: p.name)
 def test_no_model_file_imports_an_upper_package(path):
     assert upward_imports(path) == [], f"{path.name} imports an upper package"
+
+
+@pytest.mark.parametrize("package", sorted(NEVER))
+def test_no_stage_imports_what_is_built_on_it(package):
+    folder = SRC / package.removeprefix("r1kit.")
+    files = sorted(folder.rglob("*.py")) if folder.is_dir() else []
+    found = {str(f.relative_to(SRC)): hits for f in files if (hits := upward_imports(f, NEVER[package]))}
+    assert found == {}, f"{package} imports a package built on it"
 
 
 def test_the_scan_sees_lazy_imports(tmp_path):

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, pre_tokenizers  # noqa: E402
 
 from r1kit.checkpoints.gguf_tokenizer import add_tokenizer_to_gguf, tokenizer_from_gguf  # noqa: E402
 from r1kit.errors import CheckpointError  # noqa: E402
-from r1kit.serve.chat_template import DEFAULT_TEMPLATE, ChatTemplate  # noqa: E402
+from r1kit.chat_template import DEFAULT_TEMPLATE, ChatTemplate  # noqa: E402
 
 SPACE = "\u2581"
 
@@ -109,8 +109,8 @@ def smol(smollm2_gguf, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def smol_auto(smollm2_gguf):
-    return auto_tokenizer(Path(smollm2_gguf))
+def smol_auto(smollm2_hf):
+    return smollm2_hf[1]
 
 
 @pytest.fixture(scope="module")

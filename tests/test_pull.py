@@ -5,9 +5,6 @@ official ``openai`` client."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import openai
 import pytest
@@ -99,16 +96,12 @@ def test_serve_on_the_pulled_model_answers_paris_in_content(pulled, tmp_path, mo
 
 
 @pytest.mark.slow
-def test_a_gguf_path_works_in_the_verbs(smollm2_gguf, tmp_path):
-    text = tmp_path / "held.txt"
+def test_a_gguf_path_works_in_the_verbs(smollm2_gguf, tmp_path, capsys):
     from pydoc_data.topics import topics
 
+    text = tmp_path / "held.txt"
     text.write_text(topics["assignment"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "r1kit.cli", *a], capture_output=True, text=True, env=env, timeout=600)  # noqa: E731
-    ppl = run("eval", "ppl", "--model", str(smollm2_gguf), "--data", str(text), "--seq-len", "128", "--max-blocks", "2", "--json")
-    assert ppl.returncode == 0, ppl.stderr
-    assert 1 < json.loads(ppl.stdout)["ppl"] < 100
-    gen = run("generate", "--model", str(smollm2_gguf), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--temperature", "0")
-    assert gen.returncode == 0, gen.stderr
-    assert "Paris" in gen.stdout
+    assert main(["eval", "ppl", "--model", str(smollm2_gguf), "--data", str(text), "--seq-len", "128", "--max-blocks", "2", "--json"]) == 0
+    assert 1 < json.loads(capsys.readouterr().out)["ppl"] < 100
+    assert main(["generate", "--model", str(smollm2_gguf), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert "Paris" in capsys.readouterr().out

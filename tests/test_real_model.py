@@ -8,7 +8,6 @@ alone; tokenizer fidelity has its own tests (test_gguf_tokenizer.py).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,11 +28,8 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def hf(smollm2_gguf):
-    path = Path(smollm2_gguf)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model.eval(), tok
+def hf(smollm2_hf):
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,28 +46,38 @@ def model_dir(tmp_path_factory):
     return out
 
 
-def start_server(model_dir, *extra):
+def launch_server(model_dir, *extra, env=None):
+    """``r1kit serve`` in a subprocess, not yet waited for (start several, then wait: start-up is most of their cost)."""
     port = free_port()
-    log = open(Path(model_dir).parent / f"server-{port}.log", "w+")  # a file, not a pipe: a full pipe would block the server
+    # a file, not a pipe: a full pipe would block the server
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"r1kit-server-{port}-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         [sys.executable, "-m", "r1kit.cli", "serve", "--model", str(model_dir), "--port", str(port), "--kv-cache-memory", str(16 << 20), *extra],
-        stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip
-    proc.log = log
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    proc.log, proc.base, proc.port = log, f"http://127.0.0.1:{port}", port
+    return proc
+
+
+def wait_healthy(proc, timeout=120):
+    deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                return proc, base
+            if httpx.get(proc.base + "/health", timeout=1).status_code == 200:
+                return proc
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
-            log.seek(0)
-            raise RuntimeError(log.read())
+            proc.log.seek(0)
+            raise RuntimeError(proc.log.read())
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not become healthy")
+
+
+def start_server(model_dir, *extra):
+    proc = wait_healthy(launch_server(model_dir, *extra))
+    return proc, proc.base
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,10 @@ disconnecting clients together. Three real servers, started at once (startup dom
 
 import asyncio
 import json
-import os
 import re
 import select
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +15,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from test_serve import free_port, model_dir  # noqa: F401 (model_dir: a fixture)
+from test_serve import launch_server as launch
+from test_serve import model_dir, wait_healthy  # noqa: F401 (model_dir: a fixture)
 
 from r1kit.cli import build_parser
 from r1kit.cli.serve import api_key
@@ -26,32 +24,6 @@ from r1kit.errors import ConfigError
 from r1kit.infer.sampling import MAX_STOP, MAX_STOP_CHARS, SamplingParams
 from r1kit.serve.app import ServerState, build_app
 from r1kit.serve.async_engine import QueueFull
-
-
-def launch(model_dir, *extra, env=None):
-    port = free_port()
-    log = open(Path(model_dir).parent / f"hardening-{port}.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "r1kit.cli", "serve", "--model", str(model_dir), "--port", str(port), "--kv-cache-memory", str(16 << 20), *extra],
-        stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )  # fmt: skip
-    proc.log, proc.base, proc.port = log, f"http://127.0.0.1:{port}", port
-    return proc
-
-
-def wait_healthy(proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(proc.base + "/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            proc.log.seek(0)
-            raise RuntimeError(proc.log.read())
-        time.sleep(0.2)
-    raise RuntimeError("server did not become healthy")
 
 
 def log_text(proc) -> str:
@@ -155,7 +127,13 @@ def test_item1_the_413_comes_before_the_rest_of_the_body_is_read():
 def test_item1_tokenizing_a_megabyte_does_not_block_health(a):
     prompt = "hello world def x(): pass\n" * 38_000  # just under the 1 MiB limit: over a second to tokenize
     result = {}
-    worker = threading.Thread(target=lambda: result.setdefault("r", httpx.post(a.base + "/tokenize", json={"prompt": prompt}, timeout=60)))
+
+    def tokenize():
+        start = time.time()
+        result["r"] = httpx.post(a.base + "/tokenize", json={"prompt": prompt}, timeout=60)
+        result["seconds"] = time.time() - start
+
+    worker = threading.Thread(target=tokenize)
     worker.start()
     waits = []
     time.sleep(0.2)  # the upload is in; the tokenizing has started
@@ -165,7 +143,9 @@ def test_item1_tokenizing_a_megabyte_does_not_block_health(a):
         waits.append(time.time() - start)
         time.sleep(0.05)
     assert result["r"].status_code == 200 and result["r"].json()["count"] > 100_000
-    assert waits and max(waits) < 0.4, waits  # on the event loop: ~1.3 s
+    # on the event loop, a health check waited for the whole tokenizing; relative, so a loaded machine
+    # slows both sides alike
+    assert len(waits) >= 2 and max(waits) < 0.5 * result["seconds"], (waits, result["seconds"])
 
 
 # -- item 2: a non-streaming request whose client left is aborted ----------------------------------

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 from chatml_models import chatml_think_dir, smol_dir
-from test_serve import start_server
+from test_serve import launch_server, wait_healthy
 
 from r1kit.tokenizer import END_THINK, THINK, load_tokenizer
 from r1kit.infer.generate import generate
@@ -16,11 +16,10 @@ from r1kit.checkpoints import load_model
 GREEDY_5 = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
 
 
-def serve(model_dir, *extra):
-    proc, base = start_server(model_dir, *extra)
-    client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
-    client.base, client.name, client.model_dir = base, model_dir.name, model_dir
-    return proc, client
+def client_of(proc, model_dir):
+    client = openai.OpenAI(base_url=proc.base + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client.base, client.name, client.model_dir = proc.base, model_dir.name, model_dir
+    return client
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +31,14 @@ def smol(tmp_path_factory):
 def servers(smol, tmp_path_factory):
     """The SmolLM2-shaped model served with --generation-config auto and none, and a ChatML model that has <think> tokens."""
     think = chatml_think_dir(tmp_path_factory.mktemp("real") / "chatml-think")
-    started = {"auto": serve(smol), "none": serve(smol, "--generation-config", "none"), "think": serve(think)}
-    yield {key: client for key, (_, client) in started.items()}
-    for proc, _ in started.values():
-        proc.terminate()
-        proc.wait(timeout=30)
+    launched = {"auto": (smol,), "none": (smol, "--generation-config", "none"), "think": (think,)}
+    started = {key: (launch_server(*args), args[0]) for key, args in launched.items()}
+    try:
+        yield {key: client_of(wait_healthy(proc), model_dir) for key, (proc, model_dir) in started.items()}
+    finally:
+        for proc, _ in started.values():
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def reference(model_dir, ids, params=GREEDY_5) -> str:

@@ -542,7 +542,7 @@ def _chat_template(model_dir: Path, tokens: list[str]) -> str | None:
     """The template r1kit itself would chat with: the directory's own, else r1kit's default when the
     vocabulary has the role tokens that default uses."""
     from r1kit.tokenizer import ASSISTANT, SYSTEM, USER
-    from r1kit.serve.chat_template import DEFAULT_TEMPLATE, ChatTemplate
+    from r1kit.chat_template import DEFAULT_TEMPLATE, ChatTemplate
 
     source = ChatTemplate.from_model_dir(model_dir).source
     if source == DEFAULT_TEMPLATE and not {SYSTEM, USER, ASSISTANT} <= set(tokens):

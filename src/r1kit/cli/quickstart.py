@@ -28,6 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, help="run config for training (default: configs/tiny-cpu.yaml of this checkout)")
     parser.add_argument("--small", action="store_true", help="a small slice of the corpus, a small model and 120 training steps (the CI run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    parser.add_argument("--until", choices=STAGES, default=None, help="stop after this stage; a later run without it goes on from there")
     parser.add_argument("--serve", action="store_true", help="finally serve the quantized model and print curl/openai examples")
     parser.add_argument("--port", type=int, default=8080, help="port for --serve (default 8080)")
 
@@ -177,6 +178,9 @@ def run(args: argparse.Namespace) -> int:
         result = RUNNERS[stage](args, out)
         state["done"][stage] = {"seconds": round(time.perf_counter() - start, 1), "result": result}
         dump_json(state, state_file)  # atomic: a stage counts as done only once this is written
+        if stage == args.until:
+            print(f"stopped after {stage} (--until); run again without --until to go on", flush=True)
+            return 0
     ev, train = state["done"]["evaluate"]["result"], state["done"]["train"]["result"]
     print(f"\nvalidation perplexity {train['val_ppl']:.2f} (unigram baseline {train['unigram_ppl']:.1f}); "
           + ", ".join(f"{k} {v['ppl']:.2f}" for k, v in ev.items()) + f"\nreport: {out / 'report.html'}")  # fmt: skip

@@ -89,7 +89,7 @@ def load_state(args: argparse.Namespace, state) -> None:
     from r1kit.generation_config import GenerationConfig
     from r1kit.infer.engine import EngineConfig, LLMEngine
     from r1kit.serve.async_engine import AsyncEngine
-    from r1kit.serve.chat_template import ChatTemplate
+    from r1kit.chat_template import ChatTemplate
 
     model_dir = resolve_model(args.model)
     generation = GenerationConfig.for_model(model_dir, args.generation_config)

@@ -36,7 +36,7 @@ from r1kit.errors import R1kitError
 from r1kit.fim import FimStyle, describe_styles
 from r1kit.infer.outputs import RequestOutput
 from r1kit.serve.async_engine import AsyncEngine, EngineUnavailable, QueueFull, RequestStream
-from r1kit.serve.chat_template import ChatTemplate
+from r1kit.chat_template import ChatTemplate
 from r1kit.serve.metrics import ServerMetrics
 from r1kit.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse, TokenizeRequest, template_messages
 from r1kit.serve.reasoning import ReasoningStream, split_reasoning
