@@ -176,8 +176,8 @@ def test_requests_that_cannot_fit_are_refused_clearly(tiny_config):
     with pytest.raises(ConfigError, match="exceeds max_num_seqs"):
         LLM(model, num_kv_blocks=8, max_num_seqs=2).generate([[1]], SamplingParams(n=3))
     assert not llm.llm_engine.has_unfinished_requests()
-    with pytest.raises(ConfigError, match="hybrid_global=compressed"):
-        LLM(R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_global="compressed")))
+    with pytest.raises(ConfigError, match="hybrid_compress_block=6: one must divide the other"):
+        LLM(R1kitForCausalLM(tiny_config(attention="hybrid", hybrid_global="compressed", hybrid_compress_block=6)), block_size=4)
     with pytest.raises(ConfigError, match="unknown LLM arguments"):
         LLM(model, blok_size=4)
 

@@ -10,7 +10,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from r1kit.infer.triton_decode_attention import BLOCK_N, _kernel  # noqa: E402
+from r1kit.infer.triton_decode_attention import BLOCK_N, paged_decode  # noqa: E402
 
 if "nvidia" not in triton.backends.backends:
     pytest.skip("this triton has no NVIDIA backend", allow_module_level=True)
@@ -72,5 +72,5 @@ def test_paged_decode_attention_compiles(dtype, group, dim):
     constexprs = {"GROUP": group, "GROUP_PAD": max(16, triton.next_power_of_2(group)), "DIM": dim,
                   "DIM_PAD": max(16, triton.next_power_of_2(dim)), "BLOCK": BLOCK_N}
     for capability, shared_limit in TARGETS.values():
-        kernel = compile_for(_kernel(), signature, constexprs, capability)
+        kernel = compile_for(paged_decode, signature, constexprs, capability)
         assert kernel.asm["cubin"] and kernel.metadata.shared <= shared_limit

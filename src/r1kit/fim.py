@@ -21,12 +21,14 @@ class FimError(ConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class FimStyle:
-    """One family's three markers."""
+    """One family's three markers, and the marker its repository-level prompts put before each file
+    (``<|file_sep|>path\ncontent``, Qwen2.5-Coder's and StarCoder2's format), where it has one."""
 
     name: str
     prefix: str
     suffix: str
     middle: str
+    file_separator: str | None = None
 
     @property
     def markers(self) -> tuple[str, str, str]:
@@ -43,15 +45,20 @@ class FimStyle:
 
 
 STYLES = (
-    FimStyle("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder(2), SantaCoder (not SmolLM2: its vocabulary has none)
-    FimStyle("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5(-Coder), CodeGemma
+    FimStyle("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>"),  # StarCoder(2), SantaCoder (not SmolLM2: its vocabulary has none)
+    FimStyle("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_sep|>"),  # Qwen2.5(-Coder), CodeGemma
     FimStyle("deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder (fullwidth bars, U+2581)
 )
 
 
+def added_tokens(tokenizer) -> set[str]:
+    """The added (special) tokens of a ``tokenizers.Tokenizer`` (or anything with ``get_added_tokens_decoder``)."""
+    return {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+
+
 def detect_fim(tokenizer) -> FimStyle | None:
     """The FIM family of a ``tokenizers.Tokenizer`` (or anything with ``get_added_tokens_decoder``), or None."""
-    added = {token.content for token in tokenizer.get_added_tokens_decoder().values()}
+    added = added_tokens(tokenizer)
     return next((style for style in STYLES if set(style.markers) <= added), None)
 
 

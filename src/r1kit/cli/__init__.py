@@ -27,6 +27,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("r1kit.cli.serve", "serve a model over an OpenAI-compatible HTTP API (health, metrics, streaming)"),
     "generate": ("r1kit.cli.generate", "generate text from a model directory (the engine; --reference for the plain decoding loop)"),
     "bench": ("r1kit.cli.bench", "measure the engine's throughput and latency on a model directory or config"),
+    "sft": ("r1kit.cli.sft", "supervised fine-tuning on chats: loss on assistant tokens, packing, full or LoRA (merged on save)"),
+    "grpo": ("r1kit.cli.grpo", "reinforcement learning with verifiable rewards (GRPO) on a task: rollouts on the engine, metrics, report"),
+    "claims": ("r1kit.cli.claims", "measure every figure the guide states and write claims.md / claims.html (budgeted, resumable)"),
+    "apps": ("r1kit.cli.apps", "the guide's applications: intent recognition, the support assistant, code completion, test generation"),
 }
 
 

@@ -5,7 +5,11 @@ request's first token), time to first token, and the achieved memory bandwidth a
 (parameter bytes × tokens/s, gpt-fast's figure) beside the machine's measured copy and read bandwidth;
 then the time to first token of a long prompt cold and with its prefix cached. With
 ``--reference`` it also times the reference loop (requests one after another) in the same run and
-prints the ratio. The measuring functions live in :mod:`r1kit.infer.benchmark`.
+prints the ratio. With ``--context 4096,16384,32768`` it measures long contexts instead: for one
+prompt of each length, the prefill time (to the first token), decode tokens/s of one sequence and of
+``--context-batch`` completions of it, and the KV-cache memory the request held at most (windowed
+layers hold only their window, a compressed hybrid its pooled entries). The measuring functions live
+in :mod:`r1kit.infer.benchmark`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step (default 2048)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts and random weights (default 0)")
+    parser.add_argument("--context", default=None,
+                        help="comma-separated prompt lengths, e.g. 4096,16384,32768: report prefill time, decode tokens/s and KV memory "
+                             "per request at each instead of the batch table (--new-tokens decoded after each)")
+    parser.add_argument("--context-batch", type=int, default=4, help="with --context: completions decoded together (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         model = R1kitForCausalLM(ModelConfig.from_yaml(args.config)).to(device=resolve_device(args.device, "--device"), dtype=dtype or torch.float32)
     model.eval()
     cfg = model.config
+    if args.context:
+        return _run_contexts(args, model)
     max_len = max(args.prompt_len + args.new_tokens, args.prefix_len + 1)
     if max_len > cfg.max_seq_len:
         raise ConfigError(f"the benchmark needs {max_len} positions; the model's max_seq_len is {cfg.max_seq_len}")
@@ -85,4 +95,40 @@ def run(args: argparse.Namespace) -> int:
     if args.prefix_len:
         cold, cached, hit = time_prefix_ttft(llm, args.prefix_len, cfg.vocab_size, args.seed)
         print(f"TTFT of a {args.prefix_len}-token prompt: cold {cold:.3f} s, prefix cached ({hit} tokens) {cached:.4f} s: {cold / cached:.1f}x faster")
+    return 0
+
+
+def _run_contexts(args: argparse.Namespace, model) -> int:
+    from tqdm import tqdm
+
+    from r1kit.errors import ConfigError
+    from r1kit.infer.benchmark import random_prompts, time_long_context
+    from r1kit.infer.llm import LLM
+
+    cfg = model.config
+    try:
+        contexts = [int(c) for c in args.context.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--context={args.context!r} must be comma-separated whole numbers, e.g. 4096,16384,32768") from None
+    if not contexts or min(contexts) < 2 or args.new_tokens < 2 or args.context_batch < 1:
+        raise ConfigError("--context lengths must be >= 2, --new-tokens >= 2 and --context-batch >= 1")
+    max_len = max(contexts) + args.new_tokens
+    if max_len > cfg.max_seq_len:
+        raise ConfigError(f"--context {max(contexts)} + --new-tokens {args.new_tokens} = {max_len} positions; the model's max_seq_len is "
+                          f"{cfg.max_seq_len} (raise it in the config, or shorten --context)")
+    kinds = ", ".join(sorted(set(cfg.attention)))
+    print(f"model: {cfg.num_layers} layers ({kinds}; hybrid_global {cfg.hybrid_global}), local window {cfg.local_window}, "
+          f"{model.dtype}, device {args.device}, {torch.get_num_threads()} threads")
+    rows = []
+    for context in tqdm(contexts, desc="contexts", unit="ctx"):
+        # a fresh engine per length: its pool sized for this length and these sequences, nothing cached
+        llm = LLM(model, max_num_seqs=args.context_batch, max_model_len=context + args.new_tokens, block_size=args.block_size,
+                  max_num_batched_tokens=args.max_num_batched_tokens)
+        prompt = random_prompts(1, context, cfg.vocab_size, args.seed + context)[0]
+        rows.append((context, time_long_context(llm, prompt, args.new_tokens, args.context_batch)))
+        del llm
+    batch = f"decode tok/s x{args.context_batch}"
+    print(f"{'context':>8} {'prefill s':>10} {'decode tok/s':>13} {batch:>18} {'KV MiB/request':>15}")
+    for context, r in rows:
+        print(f"{context:>8} {r['prefill_s']:>10.3f} {r['decode_tps']:>13.1f} {r['batch_decode_tps']:>18.1f} {r['kv_bytes'] / 2**20:>15.2f}")
     return 0

@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="tokens per streamed chunk (default 1: every token at once; more: less server work per token)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    parser.add_argument("--app", choices=["support"], help="also serve an application: support (the customer-service assistant: /v1/support/..., the chat page /support)")
 
 
 API_KEY_ENV = "R1KIT_API_KEY"
@@ -135,8 +136,14 @@ def run(args: argparse.Namespace) -> int:
     state = ServerState(model_name=name, api_key=api_key(args), max_body_bytes=args.max_body_bytes, body_timeout=args.read_timeout,
                         reasoning=args.reasoning_parser != "none")  # fmt: skip
     state.metrics = ServerMetrics(name)
+    app = build_app(state)
+    support = None
+    if args.app == "support":
+        from r1kit.apps.support.routes import SupportApp, mount
+
+        support = mount(app, SupportApp())
     config = uvicorn.Config(
-        build_app(state), host=args.host, port=args.port, log_level="warning", access_log=False,
+        app, host=args.host, port=args.port, log_level="warning", access_log=False,
         http=bounded_protocol(args.read_timeout, MAX_HEADER_BYTES), timeout_keep_alive=KEEP_ALIVE_S,
         # uvicorn cancels what is left after this: by then our abort (below) has ended every stream
         timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_GRACE_S,
@@ -175,6 +182,11 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         load_state(args, state)  # /health answers 503 meanwhile
+        if support is not None:
+            from r1kit.apps.support.config import SupportConfig
+            from r1kit.apps.support.loader import build_assistant
+
+            support.assistant = build_assistant(SupportConfig(), state, args.model)
     except BaseException:
         server.should_exit = True
         http.join()

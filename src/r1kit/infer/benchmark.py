@@ -1,5 +1,6 @@
-"""Measuring the engine: decode rate, time to first token, prefix-cache hits, the machine's memory
-bandwidth. ``r1kit bench`` and the scripts in ``benchmarks/`` share these functions."""
+"""Measuring the engine: decode rate, time to first token, prefix-cache hits, long contexts (prefill
+time, decode rate, KV memory held per request), the machine's memory bandwidth. ``r1kit bench`` and
+the scripts in ``benchmarks/`` share these functions."""
 
 from __future__ import annotations
 
@@ -119,3 +120,47 @@ def model_bytes(model) -> int:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return total
+
+
+def kv_bytes_held(engine, seq) -> int:
+    """The KV-cache bytes ``seq`` holds now: its main blocks (every layer that keeps the whole context,
+    and pooled entries) and its window-group blocks (windowed layers, only what their window reads)."""
+    from r1kit.infer.paged_cache import bytes_per_block
+
+    mc, size, dtype = engine.model.config, engine.config.block_size, engine.model.dtype
+    held = sum(b >= 0 for b in seq.block_table) * bytes_per_block(mc, size, dtype)
+    if engine.window_blocks:
+        held += sum(b >= 0 for b in engine.block_manager.window_table(seq)) * bytes_per_block(mc, size, dtype, "window")
+    return held
+
+
+def time_long_context(llm, prompt: list[int], new_tokens: int, batch: int) -> dict[str, float]:
+    """One long ``prompt``, cold: ``prefill_s`` (time to its first token), ``decode_tps`` (one sequence),
+    ``kv_bytes`` (the most its KV cache held while decoding: what a request holds for its life; a
+    prefill step also holds its chunk's K/V in every layer); then ``batch`` completions of the same prompt
+    together (its blocks served by the prefix cache, so only the last block is prefilled again):
+    ``batch_decode_tps``, tokens/s over the steps after every completion's first token."""
+    from r1kit.infer.sampling import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    start = time.perf_counter()
+    engine.add_request(None, prompt, params)
+    first = None
+    kv_bytes = 0
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        if first is None and outs:
+            first = time.perf_counter()
+        elif first is not None:
+            kv_bytes = max([kv_bytes] + [kv_bytes_held(engine, seq) for seq in engine.scheduler.running])
+    end = time.perf_counter()
+    result = {"prefill_s": first - start, "decode_tps": (new_tokens - 1) / max(end - first, 1e-9), "kv_bytes": float(kv_bytes)}
+    engine.add_request(None, prompt, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True, n=batch))
+    started = None
+    while engine.has_unfinished_requests():
+        engine.step()
+        if started is None and all(seq.num_output_tokens > 0 for seq in engine.scheduler.running) and len(engine.scheduler.running) == batch:
+            started, produced = time.perf_counter(), sum(seq.num_output_tokens for seq in engine.scheduler.running)
+    result["batch_decode_tps"] = (batch * new_tokens - produced) / max(time.perf_counter() - started, 1e-9)
+    return result

@@ -12,17 +12,27 @@ A full block is identified by a chained hash of (the previous block's hash, its 
 with the sequence's local window (K/V of deeper layers depend on it). A hit also compares the
 token ids, so a hash collision can never serve wrong K/V. A block is hashed only once its K/V have
 been computed, so no sequence can hit a block that a chunked prefill has not filled yet.
+
+A model whose windowed layers (local ones, compressed hybrids' raw K/V) sit beside layers that need
+every block has a second group of blocks for them (a :class:`WindowGroup`, as vLLM's sliding-window
+group): each sequence holds there only the blocks its window still reads. Blocks are taken as its
+steps need them (:meth:`BlockManager.prepare_window`) and released as the window leaves them,
+hashed like the main ones, so a prefix hit revives the window's tail too; a hit is as long as both
+groups can serve it. Admission reserves the most window blocks a sequence can hold at once
+(its window and a chunk), so taking them never fails.
 This module never touches tensors: it hands out block ids.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import xxhash
 
 from r1kit.infer.sequence import Sequence
+from r1kit.model.attention import window_start
 
 
 class Block:
@@ -43,8 +53,45 @@ def chain_hash(token_ids: list[int] | tuple[int, ...], prefix: int) -> int:
     return h.intdigest()
 
 
+@dataclass(frozen=True)
+class WindowGroup:
+    """The window group's shape: ``num_blocks`` blocks of its own; ``compress``, the run length of a
+    compressed cache whose runs are pooled from these layers' raw K/V (None: no such cache);
+    ``max_chunk``, the most tokens one step computes for a sequence (the scheduler's budget)."""
+
+    num_blocks: int
+    compress: int | None
+    max_chunk: int
+
+    def span(self, window: int, block_size: int, chunk: int | None = None) -> int:
+        """The most blocks a sequence of local window ``window`` holds here at once: from the first
+        position it still reads to the end of a chunk (of ``chunk`` tokens at most; default ``max_chunk``)."""
+        return (self.reach(window) + (self.max_chunk if chunk is None else chunk)) // block_size + 2
+
+    def keep_from(self, position: int, window: int) -> int:
+        """The first position the windowed layers still read once ``position`` is the next to compute:
+        the local window's (:func:`~r1kit.model.attention.window_start`) and, with a compressed cache,
+        the start of the run not yet pooled."""
+        first = window_start(position, window)
+        return first if self.compress is None else min(first, position // self.compress * self.compress)
+
+    def reach(self, window: int) -> int:
+        """How far behind the next position they read, at most."""
+        return max(window, self.compress or 1) - 1
+
+
+@dataclass
+class _WindowTable:
+    blocks: list[int] = field(default_factory=list)  # -1: released, the window has left it
+    freed: int = 0  # leading entries of blocks that are -1
+    hashed: int = 0  # leading blocks whose hash has been registered
+    reserved: int = 0  # the most blocks the sequence may hold at once
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    """``window``: the shape of a window group, for models that have one (see the module's note)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, window: WindowGroup | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         self.block_size = block_size
@@ -54,6 +101,11 @@ class BlockManager:
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # least recently freed first
         self.hash_to_block: dict[int, int] = {}
         self.num_evictions = 0
+        # the window group: its own blocks (a manager of its own, whose tables live here, by sequence id)
+        self.window = window
+        self.window_blocks = BlockManager(window.num_blocks, block_size, enable_prefix_caching) if window is not None else None
+        self.window_tables: dict[int, _WindowTable] = {}
+        self.window_reserved = 0
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -69,21 +121,25 @@ class BlockManager:
 
     # -- the protocol the scheduler uses -------------------------------------------------------
     def can_allocate(self, seq: Sequence) -> bool:
-        hits = self._match_prefix(seq)
+        hits, _ = self._match(seq)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if self.window is not None and self.window_reserved + self._window_span(seq, len(hits)) > self.window.num_blocks:
+            return False
         return self.blocks_for(seq.num_tokens) - len(hits) <= self.num_free_blocks - revived
 
     def allocate(self, seq: Sequence) -> None:
-        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks."""
+        """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks (and, with a
+        window group, reserve its window blocks, reviving the tail of the hit there)."""
         assert not seq.block_table, f"{seq} already holds blocks"
-        hits = self._match_prefix(seq)
+        hits, window_hits = self._match(seq)
+        if self.window is not None:
+            table = self.window_tables[seq.seq_id] = _WindowTable(reserved=self._window_span(seq, len(hits)))
+            self.window_reserved += table.reserved
+            table.blocks = [-1] * (len(hits) - len(window_hits)) + [self.window_blocks._revive(b) for b in window_hits]
+            table.freed, table.hashed = len(hits) - len(window_hits), len(hits)
         for block_id in hits:
-            block = self.blocks[block_id]
-            if block.ref_count == 0:
-                del self.cached_free[block_id]
-            block.ref_count += 1
-            seq.block_table.append(block_id)
-            seq.block_hashes.append(block.hash)
+            seq.block_table.append(self._revive(block_id))
+            seq.block_hashes.append(self.blocks[block_id].hash)
         seq.num_computed_tokens = len(hits) * self.block_size
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = seq.num_computed_tokens
@@ -99,6 +155,35 @@ class BlockManager:
         seq.num_freed_blocks = 0
         seq.block_hashes.clear()
         seq.num_computed_tokens = 0
+        table = self.window_tables.pop(seq.seq_id, None)
+        if table is not None:
+            for block_id in reversed(table.blocks):
+                if block_id >= 0:
+                    self.window_blocks._release(block_id)
+            self.window_reserved -= table.reserved
+
+    def prepare_window(self, seq: Sequence, tokens: int) -> None:
+        """Before a step computes ``tokens`` of ``seq``: release the window-group blocks its window has
+        left, and take those its new positions need (within its reservation: this never fails)."""
+        table = self.window_tables[seq.seq_id]
+        end = min(self.window.keep_from(seq.num_computed_tokens, seq.window) // self.block_size, len(table.blocks))
+        for k in range(table.freed, end):
+            self.window_blocks._release(table.blocks[k])
+            table.blocks[k] = -1
+        table.freed = max(table.freed, end)
+        while len(table.blocks) < self.blocks_for(seq.num_computed_tokens + tokens):
+            table.blocks.append(self.window_blocks._take().block_id)
+        assert len(table.blocks) - table.freed <= table.reserved, f"{seq} holds more window blocks than it reserved"
+
+    def window_table(self, seq: Sequence) -> list[int]:
+        """``seq``'s block table in the window group (-1 where the window has left)."""
+        return self.window_tables[seq.seq_id].blocks
+
+    def _window_span(self, seq: Sequence, hit_blocks: int) -> int:
+        # its chunks are never longer than what is left to compute after the hit, and it never holds
+        # more blocks than it can fill
+        chunk = min(self.window.max_chunk, max(1, seq.num_tokens - hit_blocks * self.block_size))
+        return min(self.window.span(seq.window, self.block_size, chunk), self.blocks_for(seq.num_prompt_tokens + seq.params.max_tokens))
 
     def free_before(self, seq: Sequence, position: int) -> None:
         """Release the blocks whose positions all lie before ``position`` (no layer will read them again:
@@ -119,6 +204,16 @@ class BlockManager:
             else:
                 self.free_ids.append(block_id)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, in both groups (their K/V came from weights that have changed);
+        the blocks sequences hold stay theirs."""
+        for manager in (self, self.window_blocks) if self.window_blocks is not None else (self,):
+            for block in manager.blocks:
+                block.hash = block.token_ids = None
+            manager.hash_to_block.clear()
+            manager.free_ids.extend(manager.cached_free)
+            manager.cached_free.clear()
+
     def can_append(self, seq: Sequence) -> bool:
         """Whether the slots for all of ``seq``'s tokens (the new one included) can be had."""
         return self.blocks_for(seq.num_tokens) - len(seq.block_table) <= self.num_free_blocks
@@ -136,25 +231,54 @@ class BlockManager:
             tokens = tuple(seq.token_ids[k * size : (k + 1) * size])
             h = chain_hash(tokens, seq.block_hashes[-1] if k else seq.window)
             seq.block_hashes.append(h)
-            block = self.blocks[seq.block_table[k]]
-            if block.hash is None and h not in self.hash_to_block:
-                block.hash, block.token_ids = h, tokens
-                self.hash_to_block[h] = block.block_id
+            self._register(seq.block_table[k], h, tokens)
+        table = self.window_tables.get(seq.seq_id)
+        if table is not None:  # the window group's blocks of the same positions carry the same hashes
+            for k in range(max(table.hashed, table.freed), len(seq.block_hashes)):
+                self.window_blocks._register(table.blocks[k], seq.block_hashes[k], tuple(seq.token_ids[k * size : (k + 1) * size]))
+            table.hashed = len(seq.block_hashes)
+
+    def _register(self, block_id: int, h: int, tokens: tuple[int, ...]) -> None:
+        block = self.blocks[block_id]
+        if block.hash is None and h not in self.hash_to_block:
+            block.hash, block.token_ids = h, tokens
+            self.hash_to_block[h] = block.block_id
 
     # -- internals -----------------------------------------------------------------------------
-    def _match_prefix(self, seq: Sequence) -> list[int]:
-        """Cached blocks holding a prefix of ``seq`` (leaving at least one token to compute for logits)."""
+    def _match(self, seq: Sequence) -> tuple[list[int], list[int]]:
+        """(main blocks of the prefix hit, the window group's blocks of its tail): the longest prefix
+        both groups hold, leaving at least one token to compute for logits."""
         if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
-            return []
-        size, hits, prefix = self.block_size, [], seq.window
+            return [], []
+        size, hits, hashes, prefix = self.block_size, [], [], seq.window
         for k in range((seq.num_tokens - 1) // size):
             tokens = tuple(seq.token_ids[k * size : (k + 1) * size])
             prefix = chain_hash(tokens, prefix)
-            block_id = self.hash_to_block.get(prefix)
-            if block_id is None or self.blocks[block_id].token_ids != tokens:
+            block_id = self._cached(prefix, tokens)
+            if block_id is None:
                 break
             hits.append(block_id)
-        return hits
+            hashes.append((prefix, tokens))
+        if self.window is None:
+            return hits, []
+        for h in range(len(hits), 0, -1):  # the window's tail of a hit of h blocks must be cached too
+            first = self.window.keep_from(h * size, seq.window) // size
+            tail = [self.window_blocks._cached(*hashes[k]) for k in range(first, h)]
+            if None not in tail:
+                return hits[:h], tail
+        return [], []
+
+    def _cached(self, h: int, tokens: tuple[int, ...]) -> int | None:
+        block_id = self.hash_to_block.get(h)
+        return block_id if block_id is not None and self.blocks[block_id].token_ids == tokens else None
+
+    def _revive(self, block_id: int) -> int:
+        """Take a hit block into one more table (out of the cached-free list if nobody held it)."""
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.cached_free[block_id]
+        block.ref_count += 1
+        return block_id
 
     def _take(self) -> Block:
         if self.free_ids:
@@ -185,3 +309,8 @@ class BlockManager:
         for h, block_id in self.hash_to_block.items():
             assert self.blocks[block_id].hash == h
         assert sum(b.hash is not None for b in self.blocks) == len(self.hash_to_block)
+        if self.window_blocks is not None:
+            self.window_blocks.check_invariants()
+            held = [b for t in self.window_tables.values() for b in t.blocks if b >= 0]
+            assert sorted(held) == sorted(b.block_id for b in self.window_blocks.blocks for _ in range(b.ref_count))
+            assert self.window_reserved == sum(t.reserved for t in self.window_tables.values()) <= self.window.num_blocks

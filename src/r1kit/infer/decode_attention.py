@@ -20,10 +20,12 @@ from pathlib import Path
 import torch
 
 from r1kit import native
+from r1kit.infer.paged_cache import PagedRange
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.c"
 DTYPES = {torch.float32: "paged_decode_attention_f32", torch.bfloat16: "paged_decode_attention_bf16"}
 FUSED = {torch.float32: "paged_decode_rope_attention_f32", torch.bfloat16: "paged_decode_rope_attention_bf16"}
+HYBRID = {torch.float32: "paged_decode_hybrid_f32", torch.bfloat16: "paged_decode_hybrid_bf16"}
 STATUS = {1: "bad head grouping or odd head dim", 2: "out of memory"}
 
 
@@ -34,7 +36,8 @@ def build(cache: Path | None = None) -> Path:
 
 class PagedDecodeKernel:
     """The loaded library; :meth:`__call__` runs one layer's decode attention, :meth:`rope_attend`
-    the same with the rotary embedding and the K/V write folded in."""
+    the same with the rotary embedding and the K/V write folded in, :meth:`hybrid` a hybrid layer's
+    two branches and their mix."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         pointer, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -49,6 +52,12 @@ class PagedDecodeKernel:
             fn.argtypes = [pointer] * 8 + [i64, pointer, pointer] + [i64] * 5 + [ctypes.c_float]
             fn.restype = ctypes.c_int
             self._fused[dtype] = fn
+        self._hybrid = {}
+        for dtype, name in HYBRID.items():
+            fn = getattr(lib, name)
+            fn.argtypes = [pointer] * 4 + [i64, pointer, pointer, i64] + [pointer] * 3 + [i64, pointer, pointer, i64] + [pointer] * 3 + [i64] * 4 + [ctypes.c_float]
+            fn.restype = ctypes.c_int
+            self._hybrid[dtype] = fn
 
     def supports(self, dtype: torch.dtype, device: torch.device) -> bool:
         return device.type == "cpu" and dtype in self._fns
@@ -71,6 +80,33 @@ class PagedDecodeKernel:
         status = self._fns[k_pool.dtype](
             q32.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), out.data_ptr(), tables.data_ptr(), tables.shape[1],
             contexts.data_ptr(), lowest.data_ptr(), seqs, hq, hkv, dim, block_size, dim**-0.5,
+        )
+        if status:
+            raise RuntimeError(f"paged decode attention failed (status {status}: {STATUS.get(status, 'unknown')})")
+        return out.to(q.dtype).view(seqs, hq, 1, dim)
+
+    def hybrid(self, q: torch.Tensor, local: PagedRange, glob: PagedRange, gate: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """A hybrid layer's decode attention: ``q`` [S, Hq, 1, D] over its ``local`` range and, for the
+        rows whose ``skip`` (int64 [S]) is 0, its ``glob`` range (the same pools from position 0, or the
+        compressed cache's pooled entries; both pools in one dtype), mixed per query head as
+        ``gate·local + (1 − gate)·global`` (``gate``: float32 [S, Hq]); a skipped row is its local
+        branch alone and reads no global key. Returns [S, Hq, 1, D] in ``q``'s dtype."""
+        seqs, hq, _, dim = q.shape
+        for r, what in ((local, "local"), (glob, "global")):
+            for t in r[:5]:
+                if not t.is_contiguous() or (t.dtype != local.k.dtype if t.is_floating_point() else t.dtype != torch.int64):
+                    raise ValueError(f"paged decode attention: the {what} range's tensors must be contiguous, pools in one dtype, indices int64")
+        if gate.dtype != torch.float32 or gate.shape != (seqs, hq) or skip.dtype != torch.int64 or skip.shape != (seqs,):
+            raise ValueError(f"paged decode attention: gate must be float32 [{seqs}, {hq}] and skip int64 [{seqs}]; "
+                             f"got {gate.dtype} {tuple(gate.shape)}, {skip.dtype} {tuple(skip.shape)}")
+        q32 = q.reshape(seqs, hq, dim).to(torch.float32).contiguous()
+        out = torch.empty_like(q32)
+        status = self._hybrid[local.k.dtype](
+            q32.data_ptr(), local.k.data_ptr(), local.v.data_ptr(), local.tables.data_ptr(), local.tables.shape[1],
+            local.contexts.data_ptr(), local.lowest.data_ptr(), local.block_size,
+            glob.k.data_ptr(), glob.v.data_ptr(), glob.tables.data_ptr(), glob.tables.shape[1], glob.contexts.data_ptr(),
+            glob.lowest.data_ptr(), glob.block_size, gate.contiguous().data_ptr(), skip.contiguous().data_ptr(), out.data_ptr(),
+            seqs, hq, local.k.shape[1], dim, dim**-0.5,
         )
         if status:
             raise RuntimeError(f"paged decode attention failed (status {status}: {STATUS.get(status, 'unknown')})")

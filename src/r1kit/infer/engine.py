@@ -11,6 +11,7 @@ The engine owns the cache and its own copy of the model; the model only sees a c
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import time
@@ -19,13 +20,13 @@ from dataclasses import dataclass, field
 import torch
 
 from r1kit.errors import ConfigError
-from r1kit.infer.block_manager import BlockManager
+from r1kit.infer.block_manager import BlockManager, WindowGroup
 from r1kit.infer.model_runner import ModelRunner
 from r1kit.infer.native_norm import use_native_norms
 from r1kit.infer.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from r1kit.infer.paged_cache import bytes_per_block
+from r1kit.infer.paged_cache import bytes_per_block, compressed_layers, entries_per_block, splits_window
 from r1kit.infer.processor import Processor, Prompt
-from r1kit.infer.sampler import sample
+from r1kit.infer.sampler import constrained, sample
 from r1kit.infer.sampling import SamplingParams
 from r1kit.infer.scheduler import Scheduler
 from r1kit.infer.weight_packing import pack_linears
@@ -109,17 +110,22 @@ class LLMEngine:
                  take_model: bool = False) -> None:
         self.config = config = config or EngineConfig()
         mc = model.config
-        if any(kind == "hybrid" for kind in mc.attention) and mc.hybrid_global == "compressed":
-            raise ConfigError("the engine does not support hybrid_global=compressed (no batched mask path); use hybrid_global=full or r1kit's reference generate")
+        if compressed_layers(mc):  # fail before copying the model: the compressed cache's layout needs it
+            entries_per_block(mc, config.block_size)
         self.model = model = prepare_model(model if take_model else copy.deepcopy(model), config.pack_weights)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_seq_len
         if self.max_model_len > mc.max_seq_len:
             raise ConfigError(f"max_model_len={self.max_model_len} exceeds the model's max_seq_len={mc.max_seq_len}")
-        self.num_blocks = self._pool_blocks()
-        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching)
+        # windowed layers beside layers that keep every block get blocks of their own (paged_cache.splits_window)
+        compress = mc.hybrid_compress_block if compressed_layers(mc) else None
+        shape = WindowGroup(0, compress, config.max_num_batched_tokens) if splits_window(mc) else None
+        self.num_blocks, self.window_blocks = self._pool_blocks(shape)
+        window = dataclasses.replace(shape, num_blocks=self.window_blocks) if shape is not None else None
+        self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching, window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.decode_kernel)
+        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.decode_kernel, self.window_blocks,
+                                  self.block_manager.window_table if window else None)
         self.processor = Processor(mc, tokenizer, self.max_model_len, self.num_blocks * config.block_size, config.block_size, think_token_ids)
         self.special, self.hidden_ids = self.processor.special, self.processor.hidden_ids
         self.requests: dict[str, Request] = {}
@@ -127,18 +133,50 @@ class LLMEngine:
         self.all_local = all(kind == "local" for kind in mc.attention)
 
     # -- setup ---------------------------------------------------------------------------------
-    def _pool_blocks(self) -> int:
+    def _pool_blocks(self, window: WindowGroup | None) -> tuple[int, int]:
+        """(main blocks, window-group blocks: 0 without a ``window`` group). ``num_kv_blocks`` gives
+        both groups that many; a memory budget is shared in the ratio of what one sequence of
+        ``max_model_len`` tokens holds in each."""
         c, mc = self.config, self.model.config
         if c.num_kv_blocks is not None:
-            return c.num_kv_blocks
+            return c.num_kv_blocks, c.num_kv_blocks if window else 0
         per_block = bytes_per_block(mc, c.block_size, self.model.dtype)
         budget = c.kv_cache_memory if c.kv_cache_memory is not None else int(c.kv_cache_fraction * free_memory(self.model.device))
+        full = -(-self.max_model_len // c.block_size)
+        window_blocks = 0
+        if window is not None:
+            span = window.span(mc.window_for(self.max_model_len), c.block_size)
+            window_bytes = bytes_per_block(mc, c.block_size, self.model.dtype, "window")
+            window_blocks = max(span, budget * span // (span * window_bytes + full * per_block))
+            if c.kv_cache_memory is None:
+                window_blocks = min(window_blocks, c.max_num_seqs * span)
+            budget -= window_blocks * window_bytes
         blocks = budget // per_block
         if c.kv_cache_memory is None:  # no point in more than every sequence at full length
-            blocks = min(blocks, c.max_num_seqs * -(-self.max_model_len // c.block_size))
+            blocks = min(blocks, c.max_num_seqs * full)
         if blocks < 1:
             raise ConfigError(f"the KV-cache budget ({budget} bytes) holds no block of {per_block} bytes; raise kv_cache_memory")
-        return int(blocks)
+        return int(blocks), int(window_blocks)
+
+    def update_weights(self, state_dict_or_model) -> None:
+        """Take new weights into the engine's own copy without rebuilding the engine (reinforcement
+        learning hands it the policy after every optimizer step): the KV pool, scheduler and tokenizer
+        stay; a fresh copy of the weights is cast to the engine's dtype and packed as at start-up
+        (:func:`prepare_model`), and the prefix cache is emptied, its K/V having come from the old
+        weights. ``state_dict_or_model``: an ``R1kitForCausalLM`` of the same config (left untouched,
+        still trainable) or its state dict (Hugging Face names). Only between requests."""
+        from pathlib import Path
+
+        from r1kit.model.hf import model_from_state
+
+        if self.requests:
+            raise RuntimeError(f"update_weights with {len(self.requests)} unfinished request(s): let them finish or abort them first")
+        source = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, torch.nn.Module) else state_dict_or_model
+        dtype, device = self.model.dtype, self.model.device
+        # copies: the caller's tensors go on training, and must not change the engine's weights under it
+        state = {name: tensor.detach().to(device=device, dtype=dtype, copy=True) for name, tensor in source.items()}
+        self.model = self.runner.model = prepare_model(model_from_state(self.model.config, state, Path("update_weights"), dtype, device), self.config.pack_weights)
+        self.block_manager.reset_prefix_cache()
 
     # -- the streaming interface ---------------------------------------------------------------
     def add_request(self, request_id: str | None, prompt: Prompt, params: SamplingParams | None = None, arrival_time: float | None = None) -> str:
@@ -152,12 +190,14 @@ class LLMEngine:
         self.processor.validate(ids, params)
         window = self.model.config.window_for(len(ids))
         in_reasoning = self.processor.opens_reasoning(ids)
+        grammars = self.processor.grammar_states(params)
         seqs = []
         for i in range(params.n):
             generator = None
             if params.seed is not None:
                 generator = torch.Generator(device=self.model.device).manual_seed(params.seed + i)
             seqs.append(Sequence(request_id, i, ids, params, window, generator, in_reasoning))
+            seqs[-1].grammar = grammars[i]
         request = Request(request_id, text, list(ids), params, seqs, RequestMetrics(arrival_time or time.time()))
         self.requests[request_id] = request
         # with n > 1 and prefix caching, the other completions wait for the first one's prefill, then hit its blocks
@@ -196,6 +236,9 @@ class LLMEngine:
         for seq, _ in items:
             metrics = self.requests[seq.request_id].metrics
             metrics.first_scheduled_time = metrics.first_scheduled_time or now
+        if self.window_blocks:
+            for seq, n in items:
+                self.block_manager.prepare_window(seq, n)
         last, full = self.runner.run(items)
         done_rows = []
         for row, (seq, n) in enumerate(items):
@@ -222,6 +265,8 @@ class LLMEngine:
     # -- per-token bookkeeping ------------------------------------------------------------------
     def _append(self, seq: Sequence, token: int, entry) -> None:
         p = seq.params
+        if constrained(seq):  # the sampler masked this token with the grammar: move the grammar past it
+            seq.grammar.accept(token)
         seq.token_ids.append(token)
         metrics = self.requests[seq.request_id].metrics
         metrics.first_token_time = metrics.first_token_time or time.time()
@@ -242,6 +287,8 @@ class LLMEngine:
         if token in p.stop_token_ids:
             reason, stop = "stop", token
         elif not p.ignore_eos and token in self.special.eos:
+            reason = "stop"
+        elif seq.grammar is not None and seq.grammar.terminated:  # complete, and nothing may follow
             reason = "stop"
         elif p.stop and seq.num_output_tokens >= p.min_tokens and (cut := self.processor.find_stop(seq, checked)) is not None:
             reason, (stop, seq.text) = "stop", cut

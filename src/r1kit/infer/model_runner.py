@@ -11,6 +11,8 @@ scheduler) or what to sample (the sampler).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from r1kit.infer.paged_cache import KVPool, PackedBatch, PagedBatch
@@ -18,8 +20,13 @@ from r1kit.infer.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, decode_kernel: bool = True) -> None:
+    """``window_blocks`` and ``window_tables`` (a sequence's table in that group): the pool's window
+    group, for models whose windowed layers have blocks of their own (0 and None otherwise)."""
+
+    def __init__(self, model, num_blocks: int, block_size: int, decode_kernel: bool = True, window_blocks: int = 0,
+                 window_tables: Callable[[Sequence], list[int]] | None = None) -> None:
         self.model = model
+        self.window_tables = window_tables
         self.device = model.device
         kernel = None
         if decode_kernel and self.device.type == "cpu":
@@ -30,7 +37,7 @@ class ModelRunner:
             from r1kit.infer.triton_decode_attention import load_triton_kernel
 
             kernel = load_triton_kernel(self.device)
-        self.pool = KVPool(model.config, num_blocks, block_size, model.dtype, self.device, kernel)
+        self.pool = KVPool(model.config, num_blocks, block_size, model.dtype, self.device, kernel, window_blocks)
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -40,7 +47,8 @@ class ModelRunner:
             return self._run_decode([seq for seq, _ in items]), [None] * len(items)
         order = sorted(range(len(items)), key=lambda i: items[i][1] != 1)  # one-token rows first (stable)
         packed = [items[i] for i in order]
-        view = PackedBatch(self.pool, [(seq.block_table, seq.num_computed_tokens, n, seq.window) for seq, n in packed], self.device)
+        view = PackedBatch(self.pool, [(seq.block_table, seq.num_computed_tokens, n, seq.window) for seq, n in packed], self.device,
+                           self._window_tables([seq for seq, _ in packed]))
         tokens = torch.tensor([t for seq, n in packed for t in seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n]], device=self.device)
         newest = view.last[torch.tensor(order, device=self.device).argsort()]  # each item's newest column, in items' order
         wants_all = [self._wants_all(seq) for seq, _ in items]
@@ -54,10 +62,14 @@ class ModelRunner:
     def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
         # every row computes one token: [B, 1] is already packed, and the PagedBatch is the whole view
         view = PagedBatch(
-            self.pool, [s.block_table for s in seqs], [s.num_computed_tokens for s in seqs], [1] * len(seqs), [s.window for s in seqs], self.device
+            self.pool, [s.block_table for s in seqs], [s.num_computed_tokens for s in seqs], [1] * len(seqs), [s.window for s in seqs], self.device,
+            self._window_tables(seqs),
         )
         tokens = torch.tensor([[s.token_ids[s.num_computed_tokens]] for s in seqs], device=self.device)
         return self.model(tokens, cache=view)[:, -1]
+
+    def _window_tables(self, seqs: list[Sequence]) -> list[list[int]] | None:
+        return None if self.window_tables is None else [self.window_tables(s) for s in seqs]
 
     @staticmethod
     def _wants_all(seq: Sequence) -> bool:

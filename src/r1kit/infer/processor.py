@@ -13,6 +13,7 @@ from r1kit.errors import ConfigError
 from r1kit.infer.sampler import SpecialIds
 from r1kit.infer.sampling import SamplingParams
 from r1kit.infer.sequence import Sequence
+from r1kit.infer.structured import GrammarState, Grammars
 
 Prompt = str | list[int] | dict[str, Any]
 
@@ -24,6 +25,7 @@ class Processor:
         self.max_model_len, self.capacity_tokens, self.block_size = max_model_len, capacity_tokens, block_size
         self.special = self._special_ids(think_token_ids)
         self.hidden_ids = self._hidden_ids()
+        self.grammars = Grammars(tokenizer, model_config.vocab_size)
 
     def _special_ids(self, think_token_ids: tuple[int, int] | None) -> SpecialIds:
         from r1kit.tokenizer import END_THINK, EOS, THINK
@@ -115,6 +117,23 @@ class Processor:
             raise ConfigError(f"stop_token_ids must be in [0, {vocab})", param="stop_token_ids")
         if params.logit_bias and (min(params.logit_bias) < 0 or max(params.logit_bias) >= vocab):
             raise ConfigError(f"logit_bias token ids must be in [0, {vocab})", param="logit_bias")
+        if params.structured is not None and self.tokenizer is None:
+            raise ConfigError("structured output needs a tokenizer (grammars are over text): load the LLM from a model directory with tokenizer.json", param="structured")
+
+    def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's grammar now, if it has one (thread-safe): the server calls this on a
+        worker thread, so that ``add_request`` on the engine's thread finds it compiled."""
+        if params.structured is not None and self.tokenizer is not None:
+            self.grammars.compile(params.structured)
+
+    def grammar_states(self, params: SamplingParams) -> list[GrammarState] | list[None]:
+        """One grammar state per completion of a constrained request (None each for a free one). The
+        output may end, where the grammar is complete, on the tokens that end it anyway: EOS (unless
+        ``ignore_eos``) and the request's stop ids."""
+        if params.structured is None:
+            return [None] * params.n
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.special.eos))
+        return self.grammars.states(params.structured, sorted(stop), params.n)
 
     def opens_reasoning(self, ids: list[int]) -> bool:
         """Whether ``ids`` end inside an open ``<think>`` (an R1 chat prompt ends with ``<think>\\n``), so

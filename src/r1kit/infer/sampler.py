@@ -9,6 +9,9 @@ a seeded request draws the same tokens as ``generate`` does. A seeded sequence o
 rows with the same controls are sampled together, in one call.
 Log-probabilities are those of the model's raw distribution (before any processing), as vLLM's.
 Rows that need nothing but an argmax share one ``argmax`` call.
+Before all of that, a row under structured output (:func:`constrained`) has every token its grammar
+does not allow next set to -inf (``r1kit.infer.structured``); the other rows are not touched, and a
+batch without such rows costs nothing more.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from r1kit.infer.sampling import (
     sample_next,
 )
 from r1kit.infer.sequence import Sequence
+from r1kit.infer.structured import mask_disallowed
 
 
 @dataclass
@@ -46,6 +50,12 @@ def _plain_greedy(seq: Sequence, forced: bool) -> bool:
         p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
         and not p.logit_bias and seq.num_output_tokens >= p.min_tokens and not forced and p.logprobs is None
     )
+
+
+def constrained(seq: Sequence) -> bool:
+    """Whether the next token must follow the sequence's grammar: the grammar is the answer's, so a
+    reasoning model's thinking (up to ``</think>``) is free."""
+    return seq.grammar is not None and not seq.in_reasoning
 
 
 def must_close_thinking(seq: Sequence, special: SpecialIds) -> bool:
@@ -74,8 +84,13 @@ def process_row(logits: torch.Tensor, seq: Sequence, special: SpecialIds) -> tor
 def sample(
     logits: torch.Tensor, seqs: list[Sequence], special: SpecialIds, decode: Callable[[int], str] | None = None
 ) -> list[tuple[int, dict[int, Logprob] | None]]:
-    """Next token for each row of ``logits`` [B, V], with its logprobs entry when asked for."""
+    """Next token for each row of ``logits`` [B, V], with its logprobs entry when asked for. The rows of
+    constrained sequences are masked in place (float32 ``logits`` are the caller's tensor)."""
     logits = logits.float()
+    guided = [i for i, s in enumerate(seqs) if constrained(s)]
+    raw = {i: logits[i].clone() for i in guided if seqs[i].params.logprobs is not None}  # logprobs: the raw distribution
+    if guided:
+        mask_disallowed(logits, guided, [seqs[i].grammar for i in guided])
     forced = [must_close_thinking(s, special) for s in seqs]
     plain = [_plain_greedy(s, f) for s, f in zip(seqs, forced)]
     tokens: list[int] = [0] * len(seqs)
@@ -105,7 +120,7 @@ def sample(
     for i, seq in enumerate(seqs):
         entry = None
         if seq.params.logprobs is not None:
-            entry = logprob_entry(logits[i], tokens[i], seq.params.logprobs, decode)
+            entry = logprob_entry(raw.get(i, logits[i]), tokens[i], seq.params.logprobs, decode)
         results.append((tokens[i], entry))
     return results
 

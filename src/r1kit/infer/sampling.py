@@ -9,6 +9,7 @@ Everything here is a pure function of its inputs (the random generator is passed
 from __future__ import annotations
 
 import dataclasses
+import json as _json
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -86,6 +87,57 @@ RANGES = {
 LOGIT_BIAS = Range(-100, 100, note="OpenAI's range")
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutputs:
+    """What a request's output must match (vLLM's ``StructuredOutputsParams``): exactly one of a JSON
+    schema (``json``: a dict or its JSON text), any JSON object (``json_object``), a regular
+    expression, one of a few strings (``choice``), or a grammar (``grammar``: xgrammar's EBNF, with
+    ``root ::= ...``, or Lark, with ``start: ...``). The spec is checked here, when the request is built,
+    so a bad one is a :class:`ConfigError` (``param="structured"``) and never reaches the engine loop;
+    ``r1kit.infer.structured`` compiles it against the tokenizer."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        from r1kit.infer.structured import check_spec  # the grammar library loads with the first spec
+
+        given = [name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ConfigError(
+                f"structured output takes exactly one of {', '.join(STRUCTURED_KINDS)}; got {', '.join(given) or 'none'}",
+                param="structured",
+            )
+        if self.choice is not None:
+            choice = (self.choice,) if isinstance(self.choice, str) else tuple(self.choice)
+            if not choice or any(not isinstance(c, str) or not c for c in choice):
+                raise ConfigError(f"choice={self.choice!r} must be a non-empty list of non-empty strings", param="structured")
+            object.__setattr__(self, "choice", choice)
+        check_spec(self)
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, the spec as canonical text): equal for equal specs, whichever form a schema came in."""
+        value = getattr(self, self.kind)
+        if self.kind == "json" and isinstance(value, str):
+            value = _json.loads(value)  # check_spec has parsed it once already
+        text = value if isinstance(value, str) else _json.dumps(value, sort_keys=True, ensure_ascii=False)
+        return self.kind, text
+
+    def __hash__(self) -> int:  # a schema is a dict: hash the canonical text
+        return hash(self.key)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to sample one request. The constructor is where every request's sampling fields are
@@ -113,6 +165,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token (``echo``); bypasses the prefix cache
     skip_special_tokens: bool = True  # in the text (``<think>``/``</think>`` are always kept)
     thinking_budget: int | None = None  # after this many reasoning tokens, force ``</think>``
+    # the output must match this spec (the answer's tokens, after any reasoning): r1kit.infer.structured
+    structured: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         for name, allowed in RANGES.items():
@@ -127,6 +181,11 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ConfigError(f"stop={self.stop!r} must be a string or a list of non-empty strings", param="stop")
         _check_stop_bounds(stop, tuple(self.stop_token_ids or ()))
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutputs):
+                raise ConfigError(f"structured={self.structured!r} must be a StructuredOutputs (json=, json_object=, regex=, choice= or grammar=)", param="structured")
+            if self.min_tokens:  # the grammar alone says where the output may end
+                raise ConfigError("min_tokens cannot be combined with structured output: the grammar decides where the output ends", param="min_tokens")
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         set_("stop", stop)
         set_("stop_token_ids", tuple(self.stop_token_ids or ()))

@@ -61,6 +61,8 @@ class Sequence:
         self.prompt_logprobs: list[dict[int, Any] | None] | None = [None] if params.prompt_logprobs is not None else None
         self.in_reasoning = in_reasoning
         self.reasoning_tokens = 0
+        # where the output is in its grammar (r1kit.infer.structured.GrammarState), when it must match one
+        self.grammar: Any = None
 
     def __len__(self) -> int:
         return len(self.token_ids)

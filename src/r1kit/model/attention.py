@@ -40,6 +40,13 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window) -> torch.Tenso
     return (k_pos <= q_pos) & (k_pos >= window_start(q_pos, window))
 
 
+def hard_gate_local(g: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The hard gate's rule, [B, 1, m, 1] boolean from a hybrid's gate ``g`` [B, 1 or H, m, 1]: a token
+    whose gate is >= ``threshold`` in every head takes the local branch alone; the others mix both.
+    The eager path, the reference cache and the engine's paged views all decide by it."""
+    return (g >= threshold).all(dim=1, keepdim=True)
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
     """Scaled dot-product attention, GQA when K/V have fewer heads than Q (query head ``h`` reads
     K/V head ``h // (H / Hkv)``)."""
@@ -239,15 +246,19 @@ class Attention(nn.Module):
         this layer only mixes the hybrid's branches."""
         if self.kind != "hybrid":
             return cache.attend(self.layer_idx, self.kind, q, k, v)
-        local = cache.attend(self.layer_idx, "local", q, k, v)
         g = self.mix_weight(x, q)
+        threshold = None if self.training else self.config.hybrid_gate_threshold
+        one_call = getattr(cache, "attend_hybrid", None)  # optional in the protocol (see KVCacheView)
+        out = one_call(self.layer_idx, self.global_branch, q, k, v, g, threshold) if one_call is not None else None
+        if out is not None:  # the cache mixed the branches itself, skipping the global work it could
+            return out
+        local = cache.attend(self.layer_idx, "local", q, k, v)
         mixed = g * local + (1 - g) * cache.attend(self.layer_idx, self.global_branch, q, k, v)
-        threshold = self.config.hybrid_gate_threshold
-        if threshold is None or self.training:
+        if threshold is None:
             return mixed
-        # the hard gate's rule (see _hard_gated): confident tokens are local only. The cache computes
-        # the global branch for every row anyway, so this keeps results, not time.
-        return torch.where((g >= threshold).all(dim=1, keepdim=True), local, mixed)
+        # the hard gate's rule (see _hard_gated): confident tokens are local only. This path computes
+        # the global branch for every row anyway, so it keeps results, not time.
+        return torch.where(hard_gate_local(g, threshold), local, mixed)
 
     def _global_branch(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self.global_branch == "compressed":
@@ -265,7 +276,7 @@ class Attention(nn.Module):
     def _hard_gated(self, q, k, v, local, g, threshold: float) -> torch.Tensor:
         """Inference with a hard gate: tokens whose gate (every head's) is >= threshold are local only,
         and the global branch runs only for the rest, so its cost shrinks with the gate's confidence."""
-        needs_global = (g < threshold).any(dim=1).squeeze(-1)  # [B, m]
+        needs_global = ~hard_gate_local(g, threshold)[:, 0, :, 0]  # [B, m]
         out = local.clone()
         n, m = k.shape[2], q.shape[2]
         for b in range(q.shape[0]):

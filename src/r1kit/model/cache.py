@@ -26,6 +26,14 @@ class KVCacheView(Protocol):
     :meth:`update` followed by :meth:`attend` (once per branch, for that same layer, with what
     ``update`` returned); finally :meth:`advance`. A view may hold keys between a layer's ``update``
     and its ``attend``, and asserts that they belong to the layer ``attend`` names.
+
+    One call is optional, so that a view without it needs nothing new: a view may offer
+    ``attend_hybrid(layer_idx, branch, q, k, v, g, threshold) -> Tensor | None``, a hybrid layer's
+    whole attention after its ``update``: the local branch and the global one (``branch``: ``global``
+    or ``compressed``) mixed as ``g·local + (1−g)·global`` with ``g`` [B, 1 or H, m, 1], and under a
+    ``threshold`` the tokens :func:`~r1kit.model.attention.hard_gate_local` sends to the local branch
+    given it alone, their global work skipped. Where a view has none, or it returns None, the layer
+    asks :meth:`attend` for each branch and mixes them itself (the reference).
     """
 
     window: int

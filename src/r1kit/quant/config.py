@@ -23,9 +23,15 @@ class QuantConfig:
     group_size: int = 128  # -1: one group per output channel (all input features)
     desc_act: bool = False  # act-order: quantize columns by decreasing Hessian diagonal
     sym: bool = True
-    damp_percent: float = 0.01
+    damp_percent: float = 0.05  # dampening, a fraction of the mean Hessian diagonal (GPTQModel's default; see docs/quant.md)
+    damp_auto_increment: float = 0.01  # added to damp_percent until the Cholesky factorization succeeds
     block_size: int = 128  # GPTQ's lazy-update block
     true_sequential: bool = True
+    # groups in order of their largest Hessian diagonal, columns sorted inside each (where desc_act is off);
+    # defaults: what measured best on SmolLM2-135M (docs/quant.md)
+    act_group_aware: bool = True
+    static_groups: bool = False  # every group's grid from the original weights, before GPTQ updates them
+    mse: float = 2.4  # clipping search: the norm of the rounding error it minimises (0: off; see docs/quant.md)
     checkpoint_format: str = "gptq"
     method: str = "gptq"  # how the codes were found: gptq | rtn (both write the same format)
 
@@ -36,6 +42,10 @@ class QuantConfig:
             raise ConfigError(f"group_size={self.group_size} must be positive, or -1 for one group per output channel")
         if not 0 <= self.damp_percent < 1:
             raise ConfigError(f"damp={self.damp_percent} must be in [0, 1) (a fraction of the mean Hessian diagonal; 0.01 is usual)")
+        if not 0 <= self.damp_auto_increment < 1:
+            raise ConfigError(f"damp_auto_increment={self.damp_auto_increment} must be in [0, 1) (0: fail instead of damping more)")
+        if self.mse < 0:
+            raise ConfigError(f"mse={self.mse} must be 0 (no clipping search) or a positive norm such as 2.4")
         if self.block_size < 1:
             raise ConfigError(f"block_size={self.block_size} must be positive")
         if self.checkpoint_format not in FORMATS:
@@ -59,11 +69,12 @@ class QuantConfig:
             "desc_act": self.desc_act,
             "sym": self.sym,
             "damp_percent": self.damp_percent,
+            "damp_auto_increment": self.damp_auto_increment,
             "true_sequential": self.true_sequential,
-            "static_groups": False,
+            "static_groups": self.static_groups,
             "checkpoint_format": self.checkpoint_format,
             "pack_dtype": "int32",
-            "meta": {"quantizer": ["r1kit"], "method": self.method},
+            "meta": {"quantizer": ["r1kit"], "method": self.method, "act_group_aware": self.act_group_aware, "mse": self.mse},
         }
 
     @classmethod
@@ -93,7 +104,9 @@ class QuantConfig:
                 desc_act=bool(raw.get("desc_act", False)),
                 sym=bool(raw.get("sym", True)),
                 damp_percent=float(raw.get("damp_percent", 0.01)),
+                damp_auto_increment=float(raw.get("damp_auto_increment", 0.01)),
                 true_sequential=bool(raw.get("true_sequential", True)),
+                static_groups=bool(raw.get("static_groups", False)),
                 checkpoint_format=fmt,
                 method=meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq",
             )

