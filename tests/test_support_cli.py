@@ -37,3 +37,23 @@ def test_intent_eval_without_a_head_is_a_clear_error(tmp_path, capsys):
     assert main(["apps", "intent", "eval", "--model", str(model), "--method", "head"]) == 2
     err = capsys.readouterr().err
     assert "intent-head holds no intent head" in err and "r1kit apps intent train" in err  # what is wrong, and the fix
+
+
+def test_support_chat_in_the_terminal_keeps_its_session_across_runs(tmp_path, capsys, monkeypatch):
+    import io
+
+    from test_support_dialogue import tiny_support_dir
+
+    model = tiny_support_dir(tmp_path / "model")
+    chat = ["apps", "support", "chat", "--model", str(model), "--intent", "zero_shot", "--data-dir", str(tmp_path / "data"), "--max-new-tokens", "4"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("I want a refund for order A10023\nthanks\n"))
+    assert main(chat) == 0
+    first = capsys.readouterr().out
+    session = re.search(r"session (\S+) \(Ctrl-D", first).group(1)
+    assert first.count("bot> ") == 2 and first.count("     [") == 2  # a reply and its intent/decision line per turn
+    assert "order_id=A10023" in first  # the order id the rules read from the first message, tracked
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello again\n"))
+    assert main([*chat, "--session", session]) == 0
+    again = capsys.readouterr().out
+    assert f"session {session} (Ctrl-D" in again and "order_id=A10023" in again  # the slot survived the restart

@@ -56,10 +56,9 @@ CHINESE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("support") / "tiny"
-    out.mkdir()
+def tiny_support_dir(out: Path) -> Path:
+    """A random 2-layer model with a BPE tokenizer that knows some code, JSON and the Chinese words of the scripts."""
+    out.mkdir(parents=True)
     texts = [Path(m.__file__).read_text() for m in (json, socket, subprocess)] + ["订单 地址 退款 你好 谢谢 {\"order_id\": null}"] * 50
     tok = train_tokenizer(texts, vocab_size=500)
     tok.save(str(out / "tokenizer.json"))
@@ -67,6 +66,12 @@ def tiny_engine(tmp_path_factory):
                       max_seq_len=2048, eos_token_id=tok.token_to_id(EOS))  # fmt: skip
     torch.manual_seed(0)
     R1kitForCausalLM(cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory):
+    out = tiny_support_dir(tmp_path_factory.mktemp("support") / "tiny")
     state = start_engine(out, kv_cache_memory=32 << 20)
     yield state
     state.engine.stop()

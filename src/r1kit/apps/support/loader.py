@@ -35,6 +35,7 @@ def build_assistant(config: SupportConfig, state: ServerState, model: str | Path
 
     model_dir = resolve_model(model)
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)  # a --data-dir that does not exist yet is where to start
     method, head_dir = method_for(config, model_dir)
     recognizer_model = load_model(model_dir, dtype=resolve_dtype(config.intent_dtype, "intent_dtype")).eval()
     recognizer = build_recognizer(method, recognizer_model, state.tokenizer, state.template, config.threshold, head_dir)
