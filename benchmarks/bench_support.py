@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,17 +103,14 @@ def main() -> None:
     parser.add_argument("--metrics", default="runs/bench-support/metrics.json", help="where the figures are written as JSON")
     args = parser.parse_args()
     from r1kit.checkpoints.load import resolve_model
+    from r1kit.config import dump_json
 
     model_dir = resolve_model(args.model)
     head, figures = intent_scores(model_dir, args.zero_shot_limit, args.layer)
     latency = turn_latency(args.model, args.turns, head)
     figures.update(latency_ms=latency[1], latency_ms_8_sessions=latency[8], model=str(args.model))
-    out = Path(args.metrics)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(figures, indent=1))
-    tmp.replace(out)  # whole or not at all: r1kit claims reads it
-    print(f"figures: {out}")
+    dump_json(figures, args.metrics)  # whole or not at all: r1kit claims reads it
+    print(f"figures: {args.metrics}")
 
 
 if __name__ == "__main__":

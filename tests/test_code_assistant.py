@@ -15,9 +15,9 @@ from r1kit.apps.code.testgen import (
     generate_tests,
     read_module,
     render,
-    write_atomic,
 )
 from r1kit.cli import apps_complete, apps_testgen
+from r1kit.config import write_text_atomic
 from r1kit.errors import ConfigError
 
 MODULE = '''"""Small helpers."""
@@ -91,7 +91,7 @@ def test_testgen_keeps_only_passing_tests_and_the_file_runs(smollm2_llm, tmp_pat
     for report in result.candidates:
         assert report.problem or report.kept or report.dropped
     out = tmp_path / "tests" / "test_helpers.py"
-    write_atomic(out, render(result, module, out, "smollm2"))
+    write_text_atomic(out, render(result, module, out, "smollm2"))
     text = out.read_text()
     assert f"Kept: {len(result.tests)} test(s) from 3 candidate file(s)" in text
     # an independent run of the written file: plain pytest, outside the sandbox

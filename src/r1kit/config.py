@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
@@ -318,9 +319,17 @@ def _layer_pattern(name: str, value: Any, allowed: tuple[str, ...], num_layers: 
     return kinds * (num_layers // len(kinds))
 
 
-def dump_json(data: Any, path: str | Path) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` atomically (a temp file in the same folder, then a rename), so a crash never
+    leaves half a file; the folder is created if needed. Returns the path."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+    return path
+
+
+def dump_json(data: Any, path: str | Path) -> None:
+    """Write JSON atomically (:func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")

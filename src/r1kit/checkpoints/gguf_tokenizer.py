@@ -18,13 +18,13 @@ and a SentencePiece vocabulary prefixes a space after every special token, as se
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
+from r1kit.config import write_text_atomic
 from r1kit.errors import CheckpointError
 
 # gguf.TokenType values, spelled out so that reading a tokenizer needs no gguf import
@@ -103,22 +103,16 @@ class GGUFTokenizer:
         ``chat_template.jinja`` (when there is a template) into ``folder`` (made if missing), each atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(folder / "tokenizer.json", self.tokenizer.to_str(pretty=True))
-        _write_atomic(folder / "tokenizer_config.json", _json(self.config))
+        write_text_atomic(folder / "tokenizer.json", self.tokenizer.to_str(pretty=True))
+        write_text_atomic(folder / "tokenizer_config.json", _json(self.config))
         names = ("bos_token", "eos_token", "unk_token", "pad_token")
-        _write_atomic(folder / "special_tokens_map.json", _json({k: self.config[k] for k in names if k in self.config}))
+        write_text_atomic(folder / "special_tokens_map.json", _json({k: self.config[k] for k in names if k in self.config}))
         if self.config.get("chat_template"):
-            _write_atomic(folder / "chat_template.jinja", self.config["chat_template"])
+            write_text_atomic(folder / "chat_template.jinja", self.config["chat_template"])
 
 
 def _json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import torch
 
 from r1kit.claims import corpus, training
-from r1kit.claims.results import DOES_NOT_HOLD, HOLDS, Claim, Verdict, ratio_text, write_text
+from r1kit.claims.results import DOES_NOT_HOLD, HOLDS, Claim, Verdict, ratio_text
 from r1kit.claims.scale import Scale
+from r1kit.config import write_text_atomic
 
 NAME = "gptq"
 MODEL = "smollm2-135m-instruct"
@@ -81,8 +82,8 @@ def run(out: Path, scale: Scale, device: torch.device, log: Callable[[str], None
     work = Path(out) / "work" / NAME
     model_dir = pull(model) if model in KNOWN_MODELS else resolve_model(model)
     chars = max(20_000, 8 * max(scale.gptq_nsamples * scale.gptq_seqlen, scale.eval_blocks * (scale.eval_len + 1)))
-    calib_file = write_text(work / "calibration.txt", corpus.package_text(corpus.CALIBRATION_PACKAGES, chars))
-    held_out = write_text(work / "held_out.txt", corpus.package_text(corpus.HELD_OUT_PACKAGES, chars))
+    calib_file = write_text_atomic(work / "calibration.txt", corpus.package_text(corpus.CALIBRATION_PACKAGES, chars))
+    held_out = write_text_atomic(work / "held_out.txt", corpus.package_text(corpus.HELD_OUT_PACKAGES, chars))
     calibration = load_calibration(calib_file, model_dir, scale.gptq_nsamples, scale.gptq_seqlen, seed=0)
     blocks = blocks_from(str(held_out), str(model_dir), scale.eval_len, scale.eval_blocks)
     log(f"gptq: {model_dir.name}, calibration {tuple(calibration.shape)}, held-out {blocks.shape[0]} blocks of {scale.eval_len} tokens")

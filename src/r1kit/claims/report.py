@@ -23,7 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from r1kit.claims.registry import EXPERIMENTS  # noqa: E402
-from r1kit.claims.results import FAILED, NOT_RUN, Claim, Verdict, read_metrics, write_text  # noqa: E402
+from r1kit.claims.results import FAILED, NOT_RUN, Claim, Verdict, read_metrics  # noqa: E402
+from r1kit.config import write_text_atomic  # noqa: E402
 from r1kit.report import _save  # noqa: E402
 
 HEADER = ("§", "claim", "guide", "r1kit measured", "method and scale", "verdict", "why")
@@ -130,7 +131,7 @@ def write_report(out: Path) -> list[str]:
     md += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table]
     md += ["", "## Experiments", "", "| experiment | state |", "|---|---|"] + [f"| {a} | {cell(b)} |" for a, b in experiments] + [""]
     md += [f"## {title}\n\n![{title}]({name})\n" for title, name in images]
-    write_text(out / "claims.md", "\n".join(md) + "\n")
+    write_text_atomic(out / "claims.md", "\n".join(md) + "\n")
 
     esc = html.escape
     body = "".join(f"<tr class=\"{esc(row[5].split()[0])}\">" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in table)
@@ -148,5 +149,5 @@ tr.cannot td:nth-child(6),tr.not td:nth-child(6){{background:#eee}}figure{{displ
 {figures}
 </body></html>
 """
-    write_text(out / "claims.html", page)
+    write_text_atomic(out / "claims.html", page)
     return ["claims.md", "claims.html"] + [name for _, name in images]

@@ -83,10 +83,3 @@ def ratio_text(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` atomically (temp file + rename) and return the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path

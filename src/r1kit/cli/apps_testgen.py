@@ -37,9 +37,9 @@ def run(args: argparse.Namespace) -> int:
         generate_tests,
         read_module,
         render,
-        write_atomic,
     )
     from r1kit.checkpoints.load import resolve_model
+    from r1kit.config import write_text_atomic
 
     module = read_module(args.module)  # bad input fails before the model loads
     config = TestgenConfig(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(total=config.n, desc="candidates run in the sandbox") as progress:
         result = generate_tests(llm, module, config, progress)
     out = Path(args.out)
-    write_atomic(out, render(result, module, out, str(args.model)))
+    write_text_atomic(out, render(result, module, out, str(args.model)))
     coverage = "-" if result.coverage is None else f"{result.coverage:.1f}%"
     print(f"wrote {out}: {len(result.tests)} passing test(s) kept, line coverage of {module.path.name}: {coverage}")
     for report in result.candidates:

@@ -12,7 +12,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # noqa: E402
+
+from r1kit.config import write_text_atomic  # noqa: E402
 
 # (file, title, y label, training-batch key, held-out key)
 CURVES = (
@@ -70,11 +72,7 @@ figure{{display:inline-block;margin:0.5em}}img{{max-width:520px}}</style>
 {figures}
 </body></html>
 """
-    page_file = out / "report.html"
-    tmp = out / ".report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(page_file)
-    return page_file
+    return write_text_atomic(out / "report.html", page)
 
 
 def _fmt(value: Any) -> str:

@@ -14,7 +14,6 @@ import ast
 import dataclasses
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from r1kit.errors import ConfigError
@@ -289,10 +288,3 @@ def render(result: TestgenResult, module: Module, out: Path, model: str) -> str:
     return header + path_line + result.text
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
