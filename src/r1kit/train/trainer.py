@@ -75,7 +75,13 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5) -> float:
-    """The matmul throughput this device reaches now: the denominator of MFU (no vendor table needed)."""
+    """The matmul throughput this device reaches: the denominator of MFU (no vendor table needed).
+    A property of the machine, so measured once per process for each device, dtype and thread count."""
+    return _peak_flops(torch.device(device), dtype, size, seconds, torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=None)
+def _peak_flops(device: torch.device, dtype: torch.dtype, size: int, seconds: float, threads: int) -> float:
     gen = torch.Generator(device=device).manual_seed(0)  # never the global RNG: resuming must replay it exactly
     a = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=gen)
