@@ -140,3 +140,19 @@ def test_structured_extraction_through_the_engine_always_parses(tiny_engine):
     assert set(data) == {"order_id", "address"} and all(v is None or isinstance(v, str) for v in data.values())
     found = asyncio.run(extraction.extract(generator, "order A10023 to 9 Park Lane", ["order_id", "address"]))
     assert all(v.lower() in "order a10023 to 9 park lane" for v in found.values())  # only grounded values survive
+
+
+def test_extraction_on_a_model_that_does_not_reason(tmp_path):
+    """SmolLM2's kind (no ``</think>`` in its vocabulary): the extraction's thinking budget, meant for
+    reasoning models, is not an error, and the constrained answer still parses."""
+    from chatml_models import smol_dir
+
+    from r1kit.apps.support import extraction
+
+    state = start_engine(smol_dir(tmp_path / "smol"), kv_cache_memory=16 << 20)
+    try:
+        assert state.engine.engine.special.think_end is None
+        found = asyncio.run(extraction.extract(EngineGenerator(state), "order A10023 to 9 Park Lane", ["order_id", "address"]))
+    finally:
+        state.engine.stop()
+    assert all(v.lower() in "order a10023 to 9 park lane" for v in found.values())

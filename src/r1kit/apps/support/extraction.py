@@ -36,6 +36,7 @@ async def extract(generator, message: str, slots: list[str]) -> dict[str, str]:
         {"role": "user", "content": message},
     ]
     # thinking_budget=0: a reasoning model closes </think> at once, and the grammar governs the answer
+    # (the generator drops it for a model that does not reason)
     params = SamplingParams(temperature=0.0, max_tokens=8 + TOKENS_PER_SLOT * len(slots), thinking_budget=0,
                             structured=StructuredOutputs(json=schema(slots)))
     text = await generator.chat(messages, params)

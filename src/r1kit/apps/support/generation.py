@@ -27,6 +27,9 @@ class EngineGenerator:
         prompt = state.template.render(messages, add_generation_prompt=True)
         ids = await state.workers.run(encode, state.tokenizer, [prompt], False)
         engine = state.engine
+        if engine.engine.special.think_end is None and params.thinking_budget is not None:
+            # a budget asks a reasoning model to close </think>; a model without reasoning has nothing to close
+            params = params.replace(thinking_budget=None)
         stream = await engine.submit({"prompt": prompt, "prompt_token_ids": ids[0]}, params.with_eos_ids(state.extra_eos), stream=False)
         final = None
         async for final in stream:
