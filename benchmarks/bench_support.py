@@ -58,8 +58,13 @@ def intent_scores(model_dir, limit: int, layer: int):
     return head, figures
 
 
+STAGES = ("total", "decision", "intent", "reply")
+
+
 def turn_latency(model, turns: int, head) -> dict[int, dict[str, float]]:
-    """Turn latency percentiles (ms) by number of concurrent sessions."""
+    """Turn latency percentiles (ms) by number of concurrent sessions: the whole turn (``p50``/``p95``)
+    and each stage the assistant times (``intent``: recognition; ``decision``: everything before the
+    reply is written, i.e. intent, slots, extraction, policy and action; ``reply``: the model's words)."""
     from r1kit.apps.support.config import SupportConfig
     from r1kit.apps.support.generation import start_engine
     from r1kit.apps.support.loader import build_assistant
@@ -75,20 +80,21 @@ def turn_latency(model, turns: int, head) -> dict[int, dict[str, float]]:
             async def session(latencies):
                 sid = (await assistant.create()).id
                 for text in script:
-                    start = time.perf_counter()
-                    await assistant.respond(sid, text)
-                    latencies.append(time.perf_counter() - start)
+                    latencies.append((await assistant.respond(sid, text))["timings_ms"])
 
             for concurrent in (1, 8):
-                latencies: list[float] = []
+                latencies: list[dict[str, float]] = []
 
-                async def run_all(latencies: list[float], concurrent: int) -> None:
+                async def run_all(latencies: list[dict[str, float]], concurrent: int) -> None:
                     await asyncio.gather(*(session(latencies) for _ in range(concurrent)))
 
                 asyncio.run(run_all(latencies, concurrent))
-                p50, p95 = np.percentile(latencies, [50, 95]) * 1000
-                print(f"{concurrent} concurrent session(s): turn latency p50 {p50:.0f} ms, p95 {p95:.0f} ms over {len(latencies)} turns")
-                measured[concurrent] = {"p50": float(p50), "p95": float(p95)}
+                stages = {name: np.percentile([t[name] for t in latencies], [50, 95]) for name in STAGES}
+                p50, p95 = stages["total"]
+                print(f"{concurrent} concurrent session(s): turn latency p50 {p50:.0f} ms, p95 {p95:.0f} ms over {len(latencies)} turns; "
+                      + ", ".join(f"{name} p50 {v[0]:.0f} / p95 {v[1]:.0f} ms" for name, v in stages.items() if name != "total"))
+                measured[concurrent] = {"p50": float(p50), "p95": float(p95),
+                                        **{f"{name}_{q}": float(v[i]) for name, v in stages.items() if name != "total" for i, q in enumerate(("p50", "p95"))}}
     finally:
         state.engine.stop()
     return measured

@@ -535,7 +535,8 @@ async def _completions(state: ServerState, body: CompletionRequest, request: Req
     prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     request_id = f"cmpl-{uuid.uuid4().hex}"
     with _request_errors(body):
-        params = body.sampling(max_tokens, body.logprobs, prompt_logprobs, state.sampling_defaults)
+        # on a worker: a structured-output spec is checked by the grammar library, imported by the first one
+        params = await state.workers.run(body.sampling, max_tokens, body.logprobs, prompt_logprobs, state.sampling_defaults)
         prompts = body.prompts() if body.suffix is None else _fim_prompts(state, body)
     if len(prompts) > engine.max_waiting:  # could never be admitted together: a 400, not a 503 to retry
         raise APIError(400, f"prompt: a batch of {len(prompts)} prompts is more than the {engine.max_waiting} requests this server "
@@ -652,7 +653,7 @@ async def _chat(state: ServerState, body: ChatCompletionRequest, request: Reques
         max_tokens = min(room, state.sampling_defaults.get("max_tokens", room))
     top_n = body.top_logprobs or 0
     with _request_errors(body):
-        params = body.sampling(max_tokens, top_n if body.logprobs else None, None, state.sampling_defaults)
+        params = await state.workers.run(body.sampling, max_tokens, top_n if body.logprobs else None, None, state.sampling_defaults)
         (stream,) = await _submit(state, [{"prompt": prompt, "prompt_token_ids": ids}], params, bool(body.stream))
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

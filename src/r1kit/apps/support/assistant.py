@@ -10,6 +10,7 @@ words on the engine), and one session's turns run one at a time.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,8 +51,10 @@ class Assistant:
         """Handle one customer message; returns the reply with how it was read and what was done."""
         text = self.check_message(text)
         async with self._locks.setdefault(session_id, asyncio.Lock()):
+            start = time.perf_counter()
             session = await self.load(session_id)
             (result,) = await asyncio.to_thread(self.recognizer.recognize, [text])
+            recognized = time.perf_counter()
             state, number = session.state, session.turn_count + 1
             intent, unclear, given = self._read(state, result, text, number)
             if state.intent is not None and state.missing() and not state.handed_over:
@@ -62,7 +65,9 @@ class Assistant:
             outcome = await asyncio.to_thread(self._apply, decision, state, number)
             lang = language(text)
             chat = reply.messages(decision, session, outcome, text, lang, self.config.max_turns)
+            decided = time.perf_counter()
             words = await self.generator.chat(chat, SamplingParams(temperature=self.config.temperature, max_tokens=self.config.max_new_tokens))
+            replied = time.perf_counter()
             action = state.actions[-1] if outcome is not None else None
             session.record(Turn(text, words, intent, result.confidence, decision.kind, given, action), self.config.max_turns)
             await asyncio.to_thread(self.store.save, session)
@@ -70,6 +75,8 @@ class Assistant:
             "session_id": session.id, "turn": number, "reply": words, "intent": intent, "confidence": result.confidence,
             "recognized": result.to_dict(), "decision": decision.to_dict(), "action": action, "slots": {k: v.value for k, v in state.slots.items()},
             "state": state.to_dict(),
+            "timings_ms": {"intent": 1e3 * (recognized - start), "decision": 1e3 * (decided - start), "reply": 1e3 * (replied - decided),
+                           "total": 1e3 * (replied - start)},
         }  # fmt: skip
 
     def _read(self, state: DialogueState, result: IntentResult, text: str, number: int) -> tuple[str, bool, dict[str, str]]:
