@@ -130,6 +130,9 @@ class LeftPaddedCache:
     def rope_store_attend(self, layer_idx, kind, qkv, cos, sin, num_heads):
         return None
 
+    def attend_hybrid(self, layer_idx, branch, q, k, v, g, threshold):
+        return None
+
     def attention_mask(self, kind, window):
         n = self.length + self.m
         q_slot = torch.arange(self.length, n)[None, :, None]

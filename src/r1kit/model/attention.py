@@ -248,8 +248,7 @@ class Attention(nn.Module):
             return cache.attend(self.layer_idx, self.kind, q, k, v)
         g = self.mix_weight(x, q)
         threshold = None if self.training else self.config.hybrid_gate_threshold
-        one_call = getattr(cache, "attend_hybrid", None)  # optional in the protocol (see KVCacheView)
-        out = one_call(self.layer_idx, self.global_branch, q, k, v, g, threshold) if one_call is not None else None
+        out = cache.attend_hybrid(self.layer_idx, self.global_branch, q, k, v, g, threshold)
         if out is not None:  # the cache mixed the branches itself, skipping the global work it could
             return out
         local = cache.attend(self.layer_idx, "local", q, k, v)

@@ -23,17 +23,14 @@ class KVCacheView(Protocol):
 
     Call order, per forward: :meth:`next_positions` (unless the caller gave positions); then for
     each layer in order either one :meth:`rope_store_attend` that returns a tensor, or
-    :meth:`update` followed by :meth:`attend` (once per branch, for that same layer, with what
-    ``update`` returned); finally :meth:`advance`. A view may hold keys between a layer's ``update``
+    :meth:`update` followed, for a hybrid layer, by :meth:`attend_hybrid`, and where that returns None
+    (or for any other layer) by :meth:`attend` once per branch, for that same layer, with what
+    ``update`` returned; finally :meth:`advance`. A view may hold keys between a layer's ``update``
     and its ``attend``, and asserts that they belong to the layer ``attend`` names.
 
-    One call is optional, so that a view without it needs nothing new: a view may offer
-    ``attend_hybrid(layer_idx, branch, q, k, v, g, threshold) -> Tensor | None``, a hybrid layer's
-    whole attention after its ``update``: the local branch and the global one (``branch``: ``global``
-    or ``compressed``) mixed as ``g·local + (1−g)·global`` with ``g`` [B, 1 or H, m, 1], and under a
-    ``threshold`` the tokens :func:`~r1kit.model.attention.hard_gate_local` sends to the local branch
-    given it alone, their global work skipped. Where a view has none, or it returns None, the layer
-    asks :meth:`attend` for each branch and mixes them itself (the reference).
+    Two calls offer a faster path and may decline it by returning None: :meth:`rope_store_attend`
+    (rotary, store and attention of a layer in one call) and :meth:`attend_hybrid` (a hybrid layer's
+    two branches mixed in the cache). A view with no such path implements them as ``return None``.
     """
 
     window: int
@@ -60,6 +57,16 @@ class KVCacheView(Protocol):
         layer in one call, from one product's q/k/v ([B, m, (Hq + 2·Hkv)·D], heads in q, k, v
         order, before rotation): [B, m, Hq·D]. None where the cache has no such call for this
         step: the layer then takes the two-call path (nothing has been stored)."""
+        ...
+
+    def attend_hybrid(self, layer_idx: int, branch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                      threshold: float | None) -> torch.Tensor | None:
+        """A hybrid layer's whole attention after its :meth:`update`: the local branch and the global
+        one (``branch``: ``global`` or ``compressed``) mixed as ``g·local + (1−g)·global`` with ``g``
+        [B, 1 or H, m, 1]; under a ``threshold`` the tokens
+        :func:`~r1kit.model.attention.hard_gate_local` sends to the local branch get it alone, their
+        global work skipped. [B, H, m, D], or None where the view has no such call for this step: the
+        layer then asks :meth:`attend` for each branch and mixes them itself (the reference)."""
         ...
 
     def advance(self, tokens: int) -> None:
@@ -109,6 +116,11 @@ class ContiguousKVCache:
     def rope_store_attend(self, layer_idx: int, kind: str, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           num_heads: int) -> None:
         """None: no fused kernel here (see :meth:`KVCacheView.rope_store_attend`)."""
+        return None
+
+    def attend_hybrid(self, layer_idx: int, branch: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                      threshold: float | None) -> None:
+        """None: the layer mixes the branches itself (see :meth:`KVCacheView.attend_hybrid`)."""
         return None
 
     def advance(self, tokens: int) -> None:

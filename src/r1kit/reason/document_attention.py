@@ -50,5 +50,9 @@ class DocumentAttention:
         """None: the layers take the two-call path."""
         return
 
+    def attend_hybrid(self, layer_idx, branch, q, k, v, g, threshold) -> None:
+        """None: the layers mix a hybrid's branches themselves."""
+        return
+
     def advance(self, tokens: int) -> None:
         """Nothing is stored, so nothing advances."""
