@@ -140,9 +140,9 @@ def yaml_of(model, **train):
     )
 
 
-def torchrun(cfg, *extra, port):
+def torchrun(cfg, *extra):
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port), "-m", "r1kit.cli", "train", "--config", str(cfg), *extra],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "r1kit.cli", "train", "--config", str(cfg), *extra],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
 
@@ -157,9 +157,9 @@ def test_two_processes_on_gloo_match_one_process(shards, tmp_path, mode):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml_of(MODEL, data=shards, out=tmp_path / "two", seq_len=16, micro_batch_size=micro, max_steps=4, warmup_steps=2,
                            lr=3.0e-3, eval_every=0, log_every=1, save_every=2, eval_batches=2, tensor_parallel=tp, device="cpu"))  # fmt: skip
-    r = torchrun(cfg, "--max-steps", "2", port=29517 + tp)
+    r = torchrun(cfg, "--max-steps", "2")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(cfg, "--resume", port=29527 + tp)  # continue from the step-2 checkpoint to step 4
+    r = torchrun(cfg, "--resume")  # continue from the step-2 checkpoint to step 4
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {tmp_path / 'two' / 'checkpoints' / 'step-0000002'}" in r.stdout
     one = [json.loads(l)["loss"] for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
@@ -185,7 +185,7 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
 def test_tensor_parallel_step_matches_one_device():
     cases = ("hybrid:topk:head", "hybrid:topk:token", "global:dense:token")
     r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29541", "tests/tp_worker.py", *cases],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "tests/tp_worker.py", *cases],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

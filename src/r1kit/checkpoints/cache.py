@@ -35,10 +35,12 @@ def staging_dir(final: Path) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
     try:
         yield tmp
-        if final.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
+        try:
             tmp.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp)  # another process finished first: keep theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
