@@ -16,6 +16,8 @@ it prints, in one run:
   chunks with decodes, in one forward) against all of them queued at once;
 * decode attention: the engine reading K/V in place (the paged decode kernel: C on the CPU, Triton
   on CUDA) vs gathering them out of the pool, at the largest batch;
+* batch 1 on the CPU: the whole decode step in one C call (``r1kit.infer.decode_step``) vs the same
+  engine running the model module by module;
 * time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached;
 * with ``--profile N``: where the host's time goes in N decode steps of one request (cProfile,
   the 20 functions with the most time of their own; on a GPU, time spent waiting for it lands in
@@ -99,8 +101,8 @@ def main() -> None:
     on_cpu = torch.device(args.device).type == "cpu"
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
-    from r1kit.infer.llm import LLM
     from r1kit.checkpoints import load_model
+    from r1kit.infer.llm import LLM
 
     bandwidth, read = memory_bandwidth(args.device)
     where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads" if on_cpu else torch.cuda.get_device_name(args.device)
@@ -124,14 +126,19 @@ def main() -> None:
         llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
         # the same model (already packed) with decodes gathering K/V out of the pool, as prefills do
         gather = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_kernel=False)
+        # the same engine with a sequence decoding alone going module by module, not in one call (r1kit.infer.decode_step)
+        modules = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
+        modules.llm_engine.runner.step = None
         time_engine(llm, random_prompts(2, 16, 32000, 99), 4)  # warm-up
         # round-robin rounds; the best of each (the least disturbed by other processes) is reported
         engine = {b: [] for b in sizes}
         ttft = {b: [] for b in sizes}
         hf_tps = {b: [] for b in sizes}
-        reference, gathered = [], []
+        reference, gathered, by_module = [], [], []
         for _ in range(args.repeats):
             gathered.append(time_engine(gather, random_prompts(max(sizes), args.prompt_len, 32000, max(sizes)), args.new_tokens)["decode_tps"])
+            if 1 in sizes:
+                by_module.append(time_engine(modules, random_prompts(1, args.prompt_len, 32000, 1), args.new_tokens)["decode_tps"])
             reference.append(time_reference(plain, random_prompts(args.reference_requests, args.prompt_len, 32000, 7), args.new_tokens)["decode_tps"])
             for b in sizes:
                 prompts = random_prompts(b, args.prompt_len, 32000, b)
@@ -150,6 +157,10 @@ def main() -> None:
         if 1 in sizes:
             achieved = nbytes * max(engine[1])
             print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy, {100 * achieved / read:.0f}% of read bandwidth")
+        if 1 in sizes:
+            one_call = "one call per step" if llm.llm_engine.runner.step is not None else "no one-call step for this model and device"
+            print(f"batch 1: {one_call} {max(engine[1]):.1f} tok/s, module by module {max(by_module):.1f} tok/s "
+                  f"({max(engine[1]) / max(by_module):.2f}x)")
         e = max(engine[max(sizes)])
         print(f"decode attention at batch {max(sizes)}: paged kernel {e:.1f} tok/s, gathering K/V {max(gathered):.1f} tok/s "
               f"({e / max(gathered):.2f}x)")

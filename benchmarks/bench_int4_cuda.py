@@ -5,7 +5,7 @@ random 4-bit g128 GPTQ layer (``--act-order``: with a shuffled ``g_idx``) and a 
 same shape, it times with ``triton.testing.do_bench`` (median):
 
 * ``fp16``: ``F.linear`` on the float16 weight (cuBLAS), the peer;
-* ``int4``: :func:`r1kit.quant.triton_int4.int4_gptq_matmul` as ``Int4Linear`` calls it, reading
+* ``int4``: :func:`r1kit.quant.triton_int4.int4_gptq_matmul` as ``QuantLinear`` calls it, reading
   ``qweight``/``qzeros``/``scales``/``g_idx`` as stored: the fused kernel up to 16 rows (its launch
   shape chosen by timing at first use, printed), dequantize + cuBLAS above;
 * ``dequant``: the reference backend (dequantize with torch ops, then ``F.linear``);
@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from r1kit.infer.benchmark import memory_bandwidth
 from r1kit.quant import packing
 from r1kit.quant.int4 import triton_kernel
-from r1kit.quant.int4_linear import Int4Linear
+from r1kit.quant.int4_linear import QuantLinear
 
 
-def random_layer(k: int, n: int, group_size: int, act_order: bool, device: str) -> Int4Linear:
+def random_layer(k: int, n: int, group_size: int, act_order: bool, device: str) -> QuantLinear:
     g = torch.Generator().manual_seed(k * 7 + n)
     groups = k // group_size
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
@@ -41,7 +41,7 @@ def random_layer(k: int, n: int, group_size: int, act_order: bool, device: str) 
     if act_order:
         g_idx = g_idx[torch.randperm(k, generator=g)]
     tensors = packing.pack_gptq(codes, zeros, scales, g_idx, 4)
-    return Int4Linear.from_packed(tensors, k, n, group_size).to(device, torch.float16)
+    return QuantLinear.from_packed(tensors, k, n, group_size).to(device, torch.float16)
 
 
 def main() -> None:

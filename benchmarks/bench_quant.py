@@ -17,6 +17,18 @@ Two models, both built here (no download):
   and fp32 against int4 there at ``--engine-batches`` concurrent requests; then r1kit's int4 CPU
   kernel against torch's on the speed model's products (and 4096×4096), weights streamed from memory.
 
+* **the int8 kernel** (q8_0 class): r1kit's int8 CPU kernel against a oneDNN-packed bfloat16 product and
+  r1kit's int4 kernel at SmolLM2-135M's shapes (576×576, 576×192, 576×1536, 1536×576, the 576×49152
+  head), batch 1 and 8, weights streamed from memory, with the ratios; alone::
+
+      python benchmarks/bench_quant.py --skip-quality --skip-real --skip-speed --skip-head
+
+* **the quantized head on the engine** (``--real-model``): bf16 against int8 and int4 (RTN, group 64),
+  each with the output head float and quantized (``--quantize-lm-head``), decode tokens/s at batch 1
+  and 8 with the ratios and the weight bytes a step reads; alone::
+
+      python benchmarks/bench_quant.py --skip-quality --skip-real --skip-speed --skip-int8-kernel --threads 1
+
 * **a real model** (``--real-model``, SmolLM2-135M-Instruct by default, ``r1kit pull``-ed once): the issue's
   protocol with texts every Python install holds (:func:`protocol_texts`: calibration 128 × 512 tokens,
   half Python's documentation topics, half standard-library source; perplexity on 16 × 512 held-out
@@ -57,14 +69,20 @@ from pathlib import Path
 
 import torch
 
+from r1kit.checkpoints import load_model
 from r1kit.config import ModelConfig
-from r1kit.tokenizer import train_tokenizer
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
-from r1kit.checkpoints import load_model
 from r1kit.model.transformer import R1kitForCausalLM
-from r1kit.quant import Int4Linear, QuantConfig, quantize_model, save_quantized, to_int4
+from r1kit.quant import (
+    QuantLinear,
+    QuantConfig,
+    quantize_model,
+    save_quantized,
+    to_quantized,
+)
 from r1kit.quant.quantizer import layer_linears
+from r1kit.tokenizer import train_tokenizer
 
 
 # -- data --------------------------------------------------------------------------------------------
@@ -127,7 +145,7 @@ def linear_bytes(model) -> tuple[int, int]:
     """(fp32 bytes of the quantizable linears' weights, bytes of their GPTQ tensors incl. scales/zeros/g_idx)."""
     fp, q = 0, 0
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantLinear):
             fp += m.in_features * m.out_features * 4
             q += sum(t.numel() * t.element_size() for t in (m.qweight, m.qzeros, m.scales.half(), m.g_idx))
     return fp, q
@@ -390,6 +408,83 @@ def bench_kernels(shapes: list[tuple[int, int]], rows: list[int], group: int, re
                   f"{k * n / 2 / micros['r1kit'] / 1e3:>12.1f}")
 
 
+SMOLLM2_SHAPES = [(576, 576), (576, 192), (576, 1536), (1536, 576), (576, 49152)]  # q/o, k/v, gate/up, down, the head
+
+
+def bench_int8_kernel(shapes: list[tuple[int, int]], rows: list[int], group: int, repeats: int, budget: float = 256e6) -> None:
+    """r1kit's int8 kernel (q8_0 class) against a bfloat16 product (oneDNN-packed, as the engine runs
+    bf16 weights) and r1kit's int4 kernel, on the same shapes, weights streamed from memory: each
+    variant cycles through copies of its weight adding up to ``budget`` bytes, so none is in cache."""
+    from r1kit.infer.weight_packing import PackedLinear, packing_supported
+    from r1kit.quant import cpu_int4, cpu_int8
+
+    int8, int4 = cpu_int8.load(), cpu_int4.load()
+    if int8 is None:
+        print("\nr1kit's int8 CPU kernel is not built here (no C compiler): 8-bit layers dequantize, nothing to compare")
+        return
+    print(f"\nint8 kernel ({'AVX512-VNNI' if int8.vnni else 'portable loop'}) vs bf16 (oneDNN packed) vs int4 kernel, one product, "
+          f"weights from memory (µs, best of {repeats} × 50 calls; activations bf16 for bf16, float32 for the kernels; groups of {group})")
+    print(f"{'in x out':<12}{'rows':>5}{'bf16':>9}{'int4':>9}{'int8':>9}{'int8 GB/s':>11}{'bf16/int8':>11}{'int4/int8':>11}")
+    g = torch.Generator().manual_seed(0)
+    for k, n in shapes:
+        codes = torch.randint(0, 256, (k, n), generator=g)
+        scales = torch.rand(k // group, n, generator=g) * 0.01
+        zeros = torch.full((k // group, n), 128.0)
+
+        def copies(nbytes: int) -> int:
+            return max(2, int(budget // nbytes))
+
+        weight = torch.randn(n, k, generator=g).bfloat16()
+        variants = {"int8": (torch.float32, [cpu_int8.pack(codes, scales, zeros, None, group) for _ in range(copies(k * n))], int8)}
+        if int4 is not None:
+            variants["int4"] = (torch.float32, [cpu_int4.pack(codes % 16, scales, zeros / 16, None, group) for _ in range(copies(k * n // 2))], int4)
+        if packing_supported(torch.device("cpu"), torch.bfloat16):
+            packed = [PackedLinear(weight, None) for _ in range(copies(2 * k * n))]
+            variants["bf16"] = (torch.bfloat16, packed, lambda x, layer: layer(x))
+        for m in rows:
+            micros = {}
+            for name, (dtype, cycle, run) in variants.items():
+                x = torch.randn(m, k, generator=g).to(dtype)
+                best = math.inf
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    for i in range(50):
+                        run(x, cycle[i % len(cycle)])
+                    best = min(best, (time.perf_counter() - start) / 50)
+                micros[name] = best * 1e6
+            bf16, int4_us, int8_us = micros.get("bf16", math.nan), micros.get("int4", math.nan), micros["int8"]
+            print(f"{f'{k}x{n}':<12}{m:>5}{bf16:>9.1f}{int4_us:>9.1f}{int8_us:>9.1f}{k * n / int8_us / 1e3:>11.1f}"
+                  f"{bf16 / int8_us:>10.2f}×{int4_us / int8_us:>10.2f}×")
+
+
+def bench_head(args) -> None:
+    """Engine decode tokens/s on the real model: bf16 against int8 and int4 (RTN, group 64), each with the
+    output head left float and quantized (``--quantize-lm-head``), at batch 1 and 8, in one run."""
+    from r1kit.checkpoints import resolve_model
+
+    torch.set_num_threads(args.threads[0])
+    base = load_model(resolve_model(args.real_model))
+    models = {"bf16": copy.deepcopy(base).to(torch.bfloat16)}
+    for bits in (8, 4):
+        for head in (False, True):
+            model = copy.deepcopy(base)
+            config = QuantConfig(bits=bits, group_size=64, method="rtn", lm_head=head)
+            to_quantized(model, quantize_model(model, config), config)
+            models[f"int{bits}" + (" + head" if head else "")] = model
+    print(f"\n{args.real_model} on the engine, {args.prompt_tokens}-token prompts + {args.decode_tokens} tokens, best of {args.repeats}, "
+          f"{args.threads[0]} thread(s); MiB/token: weights read per decode step")
+    for batch in (1, 8):
+        rates = {name: engine_rate(copy.deepcopy(model), args.prompt_tokens, args.decode_tokens, args.repeats, batch) for name, model in models.items()}
+        print(f"batch {batch}: " + ", ".join(f"{name} {rate:.1f} tok/s ({rate / rates['bf16']:.2f}× bf16, {step_bytes(models[name]) / 2**20:.0f} MiB)"
+                                            for name, rate in rates.items()))
+
+
+def step_bytes(model) -> int:
+    """:func:`weight_bytes` with a tied head counted (it is read whole every step, as the embedding it shares)."""
+    head = model.lm_head.weight if model.config.tie_embeddings else None
+    return weight_bytes(model) + (0 if head is None else head.numel() * head.element_size())
+
+
 def weight_bytes(model) -> int:
     seen, total = set(), 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -414,7 +509,7 @@ def bench_speed(args) -> None:
     int4.load_state_dict(state)
     qc = QuantConfig(group_size=args.group_size, method="rtn")
     t0 = time.perf_counter()
-    to_int4(int4, quantize_model(int4, qc), qc)
+    to_quantized(int4, quantize_model(int4, qc), qc)
     rtn_seconds = time.perf_counter() - t0
     bf16 = R1kitForCausalLM(config).eval()
     bf16.load_state_dict(state)
@@ -437,7 +532,7 @@ def bench_speed(args) -> None:
         rates = {}
         for name, model, backend in variants:
             for m in model.modules():
-                if isinstance(m, Int4Linear) and backend:
+                if isinstance(m, QuantLinear) and backend:
                     m.backend = backend
             rates[name] = (decode_rate(model, prompt, args.decode_tokens, args.repeats), weight_bytes(model))
         print(f"\ndecode, batch 1, greedy, {args.prompt_tokens}-token prompt + {args.decode_tokens} tokens, best of {args.repeats}, "
@@ -449,7 +544,7 @@ def bench_speed(args) -> None:
         # the same in the engine (what `r1kit generate` and `r1kit serve` run): float linears packed
         # for oneDNN, int4 q/k/v and gate/up fused into one kernel call each
         for m in int4.modules():
-            if isinstance(m, Int4Linear):
+            if isinstance(m, QuantLinear):
                 m.backend = "auto"
         served = {name: engine_rate(copy.deepcopy(model), len(prompt), args.decode_tokens, args.repeats)
                   for name, model in (("fp32", fp32), ("bf16", bf16), ("int4", int4), ("int4 + bf16 rest", int4_bf16))}
@@ -500,6 +595,8 @@ def main() -> None:
     p.add_argument("--skip-real", action="store_true", help="skip the real-model section")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-int8-kernel", action="store_true", help="skip the int8 kernel section (SmolLM2-135M's shapes, batch 1 and 8)")
+    p.add_argument("--skip-head", action="store_true", help="skip the engine section: bf16 vs int8/int4 with the head float or quantized")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
@@ -509,6 +606,10 @@ def main() -> None:
         bench_real_model(args)
     if not args.skip_speed:
         bench_speed(args)
+    if not args.skip_int8_kernel:
+        bench_int8_kernel(SMOLLM2_SHAPES, [1, 8], 64, args.repeats)
+    if not args.skip_head:
+        bench_head(args)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from r1kit.checkpoints.pull import KNOWN_MODELS, fetch_known_file
 from r1kit.infer.benchmark import time_engine
 from r1kit.infer.llm import LLM
 from r1kit.model.hf import save_model
-from r1kit.quant import QuantConfig, quantize_model, save_quantized, to_int4
+from r1kit.quant import QuantConfig, quantize_model, save_quantized, to_quantized
 
 CALIBRATION_MODULES = ("argparse", "collections/__init__", "dataclasses", "json/decoder", "pathlib", "textwrap", "typing", "enum")
 CALIBRATION_TOPICS = ("atom-identifiers", "augassign", "binary", "bitwise", "booleans", "break", "callable-types", "calls",
@@ -99,7 +99,7 @@ def quantized(base, method: str, group: int, calibration: torch.Tensor):
     with tempfile.TemporaryDirectory() as tmp:
         save_quantized(model, tmp, config, results, dtype=torch.float16)
         size = sum(f.stat().st_size for f in Path(tmp).iterdir())
-    return to_int4(model, results, config), seconds, size
+    return to_quantized(model, results, config), seconds, size
 
 
 def main() -> None:

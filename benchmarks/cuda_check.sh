@@ -3,6 +3,8 @@
 # machines without one) and the multi-process training tests there (gloo on a GPU machine), then the
 # GPU benchmarks: the int4 Triton kernels vs cuBLAS float16 (contiguous groups and act-order), and
 # the engine vs transformers in bfloat16 with a profile of its decode step.
+# With two GPUs or more, tensor-parallel inference over two of them (NCCL): its parity test and
+# benchmarks/bench_tp.py (bfloat16; the single-GPU engine against two ranks).
 # Each step has its own time limit, so one that hangs does not cost the others.
 # Usage: benchmarks/cuda_check.sh [OUTDIR]   (r1kit importable: installed, or PYTHONPATH=src)
 set -u
@@ -18,3 +20,12 @@ timeout 150 python3 benchmarks/bench_int4_cuda.py 2>&1 | tee "$out/int4.log"
 timeout 60 python3 benchmarks/bench_int4_cuda.py --act-order --shapes 4096x4096,14336x4096 --rows 1,16 2>&1 | tee -a "$out/int4.log"
 timeout 150 python3 benchmarks/bench_engine.py --device cuda --dtype bfloat16 --models 100m --batch-sizes 1,16 --repeats 1 \
     --profile 50 2>&1 | tee "$out/engine.log"
+# the fused Triton kernels (r1kit.fused): their CUDA tests (self-check, model logits and gradients, the
+# engine's copy), then fused vs eager per operation and for a whole training step
+timeout 120 python3 -m pytest -q -p no:cacheprovider -rfs -k cuda tests/test_fused_kernels.py 2>&1 | tee "$out/fused.log"
+timeout 150 python3 benchmarks/bench_fused.py --tokens 16,8192 --layers 4 2>&1 | tee -a "$out/fused.log"
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rfs -k cuda tests/test_tp_inference.py 2>&1 | tee "$out/tp.log"
+    timeout 240 python3 benchmarks/bench_tp.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 --vocab 32768 \
+        --batch-sizes 1,16 --new-tokens 64 --threads 1 2>&1 | tee -a "$out/tp.log"
+fi

@@ -143,10 +143,10 @@ class Counting:
 
 
 def quantized(model):
-    from r1kit.quant import QuantConfig, quantize_model, to_int4
+    from r1kit.quant import QuantConfig, quantize_model, to_quantized
 
     qc = QuantConfig(group_size=32, method="rtn")
-    return to_int4(model, quantize_model(model, qc), qc)
+    return to_quantized(model, quantize_model(model, qc), qc)
 
 
 @pytest.mark.parametrize("weights", ["float32", "bfloat16", "int4"])

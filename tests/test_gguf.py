@@ -192,6 +192,6 @@ def test_a_gguf_file_is_a_model_for_quantize_and_bench(tmp_path, monkeypatch, ca
     assert main(["quantize", "--model", str(path), "--method", "rtn", "--out", str(out), "--no-progress"]) == 0
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
     assert not (out / "gguf_source.json").exists()  # the copy stands alone, not pointing at the GGUF
-    assert load_model(out).model.layers[0].self_attn.q_proj.__class__.__name__ == "Int4Linear"
+    assert load_model(out).model.layers[0].self_attn.q_proj.__class__.__name__ == "QuantLinear"
     assert main(["bench", "--model", str(path), "--batch-sizes", "1", "--prompt-len", "16", "--new-tokens", "8", "--prefix-len", "0"]) == 0
     assert "tok/s" in capsys.readouterr().out

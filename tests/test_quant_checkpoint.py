@@ -16,7 +16,7 @@ from r1kit.infer.sampling import SamplingParams
 from r1kit.checkpoints import load_model
 from r1kit.model.hf import config_from_hf
 from r1kit.model.transformer import R1kitForCausalLM
-from r1kit.quant import Int4Linear, QuantConfig, quantize_model, save_quantized
+from r1kit.quant import QuantLinear, QuantConfig, quantize_model, save_quantized
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8)
 
@@ -48,20 +48,20 @@ def test_own_checkpoint_round_trip_and_generate(quantized_dir):
     assert f"{q}.weight" not in tensors and "lm_head.weight" in tensors
 
     model = load_model(path)
-    assert isinstance(model.model.layers[1].mlp.down_proj, Int4Linear)
+    assert isinstance(model.model.layers[1].mlp.down_proj, QuantLinear)
     assert isinstance(model.lm_head, torch.nn.Linear) and model.quantization_config.group_size == 64
     prompt = markov_tokens(1, 6, seed=9)[0].tolist()
     with torch.no_grad():
         torch.testing.assert_close(_dequant(model)(torch.tensor([prompt])), fake(torch.tensor([prompt])), atol=1e-5, rtol=1e-4)
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantLinear):
             m.backend = "auto"
     assert generate(model, prompt, GREEDY) == generate(fake, prompt, GREEDY)
 
 
 def _dequant(model):
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantLinear):
             m.backend = "dequant"
     return model
 
@@ -136,7 +136,7 @@ def test_third_party_checkpoint_loads_and_generates(tmp_path, act_order, in_conf
     reference = write_third_party(tmp_path, act_order=act_order, in_config_json=in_config_json)
     model = load_model(tmp_path, dtype=torch.float32)
     layer = model.model.layers[0].mlp.down_proj
-    assert isinstance(layer, Int4Linear) and layer.group_size == 32
+    assert isinstance(layer, QuantLinear) and layer.group_size == 32
     torch.testing.assert_close(layer.dequantized_weight(), reference.model.layers[0].mlp.down_proj.weight)
     tokens = torch.tensor([[5, 17, 42, 8, 90]])
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_third_party_checkpoint_loads_and_generates(tmp_path, act_order, in_conf
         ref = reference(tokens)
     assert (kernel - ref).abs().max() <= 2e-2 * ref.abs().max()
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantLinear):
             m.backend = "auto"
     out = generate(model, [5, 17, 42], GREEDY)
     assert len(out) == 8 and out == generate(reference, [5, 17, 42], GREEDY)
@@ -172,7 +172,7 @@ def _edit_tensors(path, fn):
 
 Q = "model.layers.0.self_attn.q_proj"
 CORRUPT = {
-    "bits-3": (lambda p: _edit_config(p, bits=3), r"bits=3; r1kit's int4 layers run 4-bit GPTQ checkpoints only"),
+    "bits-3": (lambda p: _edit_config(p, bits=3), r"bits=3; r1kit's GPTQ layers run 4 and 8-bit checkpoints only"),
     # a group size other than the tensors' (one that leaves a partial group): the group count disagrees
     "group-size-mismatch": (lambda p: _edit_config(p, group_size=48), r"qzeros has shape \(\d+, 16\), expected \(\d+, 16\) .*group_size=48"),
     "group-zero": (lambda p: _edit_config(p, group_size=0), r"group_size=0 must be a positive integer or -1"),
@@ -199,7 +199,7 @@ def test_a_float16_checkpoint_runs_on_the_cpu_engine_as_bfloat16(tmp_path):
     write_third_party(tmp_path, act_order=False, in_config_json=True)
     model = load_model(tmp_path)
     assert model.dtype == torch.float16  # loading keeps the checkpoint's dtype
-    scales = {name: m.scales.clone() for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+    scales = {name: m.scales.clone() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     inv_freq = model.rotary.inv_freq.clone()
     want = generate(load_model(tmp_path, dtype=torch.bfloat16), [5, 17, 42], GREEDY)
     llm = LLM(model, max_num_seqs=1, num_kv_blocks=16)

@@ -17,7 +17,7 @@ from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
 from r1kit.checkpoints import load_model
 from r1kit.model.transformer import R1kitForCausalLM
-from r1kit.quant import Int4Linear
+from r1kit.quant import QuantLinear
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def test_quantize_cli_end_to_end(model_dir, tmp_path, capsys, calib, extra):
     assert qc["desc_act"] == ("true" in extra) and qc["sym"] == ("false" not in extra) and qc["group_size"] == 64
     assert (out / "tokenizer.json").is_file() and (out / "quantize_config.json").is_file()
     model = load_model(out)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
     assert model.dtype == (torch.bfloat16 if "bfloat16" in extra else torch.float32)
     assert len(generate(model, [1, 2, 3], SamplingParams(temperature=0, max_tokens=8))) == 8
     assert main(["generate", "--model", str(out), "--prompt", "def wrap(", "--max-new-tokens", "4", "--seed", "0"]) == 0

@@ -15,7 +15,7 @@ from r1kit.errors import ConfigError
 from r1kit.infer.generate import generate
 from r1kit.infer.sampling import SamplingParams
 from r1kit.model.transformer import R1kitForCausalLM
-from r1kit.quant import Int4Linear, QuantConfig, quantize_model, to_int4
+from r1kit.quant import QuantLinear, QuantConfig, quantize_model, to_quantized
 from r1kit.quant.rtn import grid_params, quantize_rtn
 
 
@@ -96,16 +96,16 @@ def test_every_attention_and_ffn_kind_quantizes_and_decodes(kind, device):
     results = quantize_model(model, QuantConfig(group_size=64, block_size=32), calib, batch_size=4)
     with torch.no_grad():
         fake = model(calib)
-    to_int4(model, results, QuantConfig(group_size=64))
+    to_quantized(model, results, QuantConfig(group_size=64))
     for layer in model.model.layers:
         attn = layer.self_attn
-        assert isinstance(attn.q_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
+        assert isinstance(attn.q_proj, QuantLinear) and isinstance(layer.mlp.down_proj, QuantLinear)
         if attn.kind == "hybrid":  # the gate stays float
             assert all(isinstance(m, torch.nn.Linear) for m in attn.gate if not isinstance(m, torch.nn.SiLU))
     with torch.no_grad():
         out = model(calib)  # the int4 kernel (CPU: bf16 activations; CUDA: Triton)
         for m in model.modules():
-            if isinstance(m, Int4Linear):
+            if isinstance(m, QuantLinear):
                 m.backend = "dequant"
         reference = model(calib)
     torch.testing.assert_close(reference, fake, atol=1e-5, rtol=1e-4)  # the checkpoint's codes are the fake-quantized weights

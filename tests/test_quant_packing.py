@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from test_quant_helpers import one_thread  # noqa: F401 (one_thread: an autouse fixture)
 
 from r1kit.quant import packing
-from r1kit.quant.int4_linear import Int4Linear
+from r1kit.quant.int4_linear import QuantLinear
 
 KERNEL_RTOL = 1e-2  # kernel vs dequantized reference: max |Δ| <= 1% of max |reference| (bf16 activations and scales)
 
@@ -94,7 +94,7 @@ def random_int4(in_f, out_f, group_size, act_order=False, bias=False, seed=0):
         g_idx = g_idx[torch.randperm(in_f, generator=g)]
     tensors = packing.pack_gptq(codes, zeros, scales, g_idx, 4)
     b = torch.randn(out_f, generator=g) if bias else None
-    return Int4Linear.from_packed(tensors, in_f, out_f, group_size, bias=b)
+    return QuantLinear.from_packed(tensors, in_f, out_f, group_size, bias=b)
 
 
 @pytest.mark.parametrize(

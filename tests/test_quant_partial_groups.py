@@ -25,7 +25,7 @@ from r1kit.infer.llm import LLM
 from r1kit.infer.sampling import SamplingParams
 from r1kit.checkpoints import load_model
 from r1kit.model.transformer import R1kitForCausalLM
-from r1kit.quant import Int4Linear, QuantConfig, cpu_int4, quantize_model, save_quantized
+from r1kit.quant import QuantLinear, QuantConfig, cpu_int4, quantize_model, save_quantized
 from r1kit.quant.int4 import choose, cpu_kernel, torch_kernel
 from r1kit.quant.int4_linear import FusedInt4Linear, StackedInt4Linear
 
@@ -48,8 +48,8 @@ def expected_group_sizes(in_features: int) -> list[int]:
     return [GROUP] * full + ([rest] if rest else [])
 
 
-def int4_layers(model) -> dict[str, Int4Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, Int4Linear)}
+def int4_layers(model) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def relative_error(out: torch.Tensor, want: torch.Tensor) -> float:
@@ -80,7 +80,7 @@ def test_gptqmodel_layout_loads_with_its_partial_group(smol):
 
 
 def _cpu_backend(backend: str, monkeypatch) -> str:
-    """Make ``backend`` the one an Int4Linear's ``kernel`` means here; its ``backend`` attribute value."""
+    """Make ``backend`` the one an QuantLinear's ``kernel`` means here; its ``backend`` attribute value."""
     if backend == "r1kit-kernel" and cpu_int4.load() is None:
         pytest.skip("this CPU has no AVX512-BF16 or no C compiler: r1kit's int4 kernel is not built (torch's serves)")
     if backend == "torch-kernel":
@@ -159,7 +159,7 @@ def test_widths_no_kernel_group_divides_fall_back_to_dequantize():
     with pytest.raises(RuntimeError, match="group size and in_features that are both multiples of 32"):
         layer(x)
     with pytest.raises(ValueError, match="group_size=0 must be a positive integer, or -1"):
-        Int4Linear(64, 32, group_size=0)
+        QuantLinear(64, 32, group_size=0)
 
 
 # -- r1kit quantizes such layers --------------------------------------------------------------------------

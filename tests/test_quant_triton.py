@@ -1,5 +1,5 @@
 """The GPU (Triton) kernels (int4 matmul, paged decode attention and its hybrid call), checked on the CPU:
-``triton_interpreted.py`` and ``triton_interpreted_hybrid.py`` run in one subprocess under Triton's interpreter. Also: ``auto`` picks Triton on CUDA only, and a missing package is a clear error."""
+``triton_interpreted.py``, ``triton_interpreted_hybrid.py`` and ``fused_interpreted.py`` (the fused kernels of ``r1kit.fused``) run in one subprocess under Triton's interpreter. Also: ``auto`` picks Triton on CUDA only, and a missing package is a clear error."""
 
 import os
 import subprocess
@@ -23,7 +23,8 @@ RTOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 def test_triton_kernel_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "triton_interpreted.py"), str(HERE / "triton_interpreted_hybrid.py")],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / "triton_interpreted.py"), str(HERE / "triton_interpreted_hybrid.py"),
+         str(HERE / "fused_interpreted.py")],
         cwd=HERE, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

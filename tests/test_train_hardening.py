@@ -132,7 +132,7 @@ def test_saved_state_is_plain_data(run_copy):
     state = torch.load(newest / "trainer_state.pt", weights_only=True)
     assert state["loop"]["step"] == 4 and isinstance(state["rng"]["torch"], torch.Tensor)
     manifest = json.loads((newest / MANIFEST).read_text())
-    assert set(manifest["files"]) == {p.name for p in newest.iterdir()} - {MANIFEST}
+    assert set(manifest["files"]) == {p.relative_to(newest).as_posix() for p in newest.rglob("*") if p.is_file()} - {MANIFEST}
 
 
 def test_train_on_empty_shards_is_a_clear_error_and_writes_nothing(tmp_path, capsys):

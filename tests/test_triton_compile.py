@@ -74,3 +74,41 @@ def test_paged_decode_attention_compiles(dtype, group, dim):
     for capability, shared_limit in TARGETS.values():
         kernel = compile_for(paged_decode, signature, constexprs, capability)
         assert kernel.asm["cubin"] and kernel.metadata.shared <= shared_limit
+
+
+def test_fused_kernels_compile():
+    """r1kit.fused's kernels (residual + norm, SwiGLU, up projection + GELU) for H100/H200 in bfloat16
+    (a global the interpreter reads but the compiler refuses fails here), and the up projection's
+    largest tile, in float32, within the A100's shared memory."""
+    from r1kit.fused import linear_gelu, residual_norm, swiglu
+
+    bf16 = "*bf16"
+    norm_flags = dict.fromkeys(("RMS", "HAS_BIAS"), False)
+    forward = {**dict.fromkeys(("x_ptr", "delta_ptr", "w_ptr", "b_ptr", "h_ptr", "y_ptr"), bf16), "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+               **dict.fromkeys(("D", "stride_x", "stride_delta", "stride_h", "stride_y"), "i32"), "eps": "fp32",
+               **dict.fromkeys(("BLOCK_D", "RMS", "HAS_DELTA", "HAS_BIAS"), "constexpr")}
+    backward = {**dict.fromkeys(("dy_ptr", "dh_out_ptr", "h_ptr", "w_ptr", "dh_ptr"), bf16), **dict.fromkeys(("mean_ptr", "rstd_ptr", "dw_ptr", "db_ptr"), "*fp32"),
+                **dict.fromkeys(("rows", "D", "rows_per_program", "stride_dy", "stride_dh_out", "stride_h", "stride_dh"), "i32"),
+                **dict.fromkeys(("BLOCK_D", "RMS", "HAS_DH_OUT", "HAS_BIAS"), "constexpr")}
+    gates = {**dict.fromkeys(("gate_ptr", "up_ptr", "h_ptr"), bf16), **dict.fromkeys(("F", "stride_gate", "stride_up", "stride_h"), "i32"), "BLOCK": "constexpr"}
+    gates_back = {**dict.fromkeys(("dh_ptr", "gate_ptr", "up_ptr", "dgate_ptr", "dup_ptr"), bf16),
+                  **dict.fromkeys(("F", "stride_dh", "stride_gate", "stride_up"), "i32"), "BLOCK": "constexpr"}
+    capability = TARGETS["H100/H200 (sm_90)"][0]
+    assert compile_for(residual_norm._add_norm_forward, forward, {"BLOCK_D": 4096, "HAS_DELTA": True, **norm_flags}, capability, 16).asm["cubin"]
+    assert compile_for(residual_norm._add_norm_backward, backward, {"BLOCK_D": 4096, "HAS_DH_OUT": True, **norm_flags}, capability, 16).asm["cubin"]
+    assert compile_for(swiglu._swiglu_forward, gates, {"BLOCK": swiglu.BLOCK}, capability).asm["cubin"]
+    assert compile_for(swiglu._swiglu_backward, gates_back, {"BLOCK": swiglu.BLOCK}, capability).asm["cubin"]
+
+    def up_gelu(kind, rows, capability):
+        tiles = linear_gelu._tiles(rows, torch.float32 if kind == "fp32" else torch.bfloat16)
+        warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
+        signature = {**dict.fromkeys(("x_ptr", "w_ptr", "y_ptr", "u_ptr"), f"*{kind}"), **dict.fromkeys(("M", "N", "K", "stride_xm", "stride_wn", "stride_ym"), "i32"),
+                     **dict.fromkeys(("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "IEEE", "STORE_U"), "constexpr")}
+        return triton.compile(ASTSource(fn=linear_gelu._linear_gelu, signature=signature,
+                                        constexprs={**tiles, "GROUP_M": 8, "IEEE": kind == "fp32", "STORE_U": True}),
+                              target=GPUTarget("cuda", capability, 32), options={"num_warps": warps, "num_stages": stages})
+
+    assert up_gelu("bf16", 16, capability).asm["cubin"]  # a decode step's rows
+    capability, shared_limit = TARGETS["A100 (sm_80)"]
+    kernel = up_gelu("fp32", 4096, capability)
+    assert kernel.asm["cubin"] and kernel.metadata.shared <= shared_limit

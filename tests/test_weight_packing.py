@@ -92,12 +92,12 @@ def test_engine_packs_its_copy_by_default_and_not_when_told(tiny_config):
 
 
 def test_fp16_and_int4_layers_are_not_packed(tiny_config):
-    from r1kit.quant.int4_linear import Int4Linear
+    from r1kit.quant.int4_linear import QuantLinear
 
     model = R1kitForCausalLM(tiny_config()).eval()
-    model.model.layers[0].self_attn.q_proj = Int4Linear(32, 32, group_size=32)
+    model.model.layers[0].self_attn.q_proj = QuantLinear(32, 32, group_size=32)
     count = pack_linears(model)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear) and count > 0
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear) and count > 0
     half = R1kitForCausalLM(tiny_config()).eval().to(torch.float16)
     assert pack_linears(half) == 0  # oneDNN's fp16 path needs AVX512-FP16: plain F.linear stays
     assert not any(isinstance(m, PackedLinear) for m in half.modules())
@@ -106,13 +106,13 @@ def test_fp16_and_int4_layers_are_not_packed(tiny_config):
 def test_int4_qkv_and_gate_up_fuse_into_one_kernel_call(tiny_config):
     """A GPTQ model in the engine: q/k/v and gate/up each become one int4 kernel call with the same
     outputs as the separate layers; the checkpoint's tensors (the state dict) do not change."""
-    from r1kit.quant import QuantConfig, quantize_model, to_int4
-    from r1kit.quant.int4_linear import FusedInt4Linear, Int4Linear
+    from r1kit.quant import QuantConfig, quantize_model, to_quantized
+    from r1kit.quant.int4_linear import FusedInt4Linear, QuantLinear
 
     cfg = tiny_config(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, qkv_bias=True)
     model = R1kitForCausalLM(cfg).eval()
     qc = QuantConfig(group_size=32, method="rtn")
-    to_int4(model, quantize_model(model, qc), qc)
+    to_quantized(model, quantize_model(model, qc), qc)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, 61, (2, 7))
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
@@ -123,7 +123,7 @@ def test_int4_qkv_and_gate_up_fuse_into_one_kernel_call(tiny_config):
     pack_linears(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.qkv_proj, FusedInt4Linear) and isinstance(mlp.gate_up_proj, FusedInt4Linear)
-    assert isinstance(attn.q_proj, Int4Linear) and attn.qkv_proj.split_sizes == [64, 32, 32]
+    assert isinstance(attn.q_proj, QuantLinear) and attn.qkv_proj.split_sizes == [64, 32, 32]
     with torch.inference_mode():
         torch.testing.assert_close(attn.qkv_proj(x), parts, rtol=0, atol=1e-6)  # the same bf16 kernel, column by column
         torch.testing.assert_close(model(tokens), want_logits, rtol=1e-4, atol=1e-4)
@@ -153,23 +153,23 @@ FUSIONS_BY_OWNER = (("self_attn", FusedQKVAttention, "qkv_proj", ("q_proj", "k_p
 
 
 def _quantized(tiny_config, act_order=False):
-    from r1kit.quant import QuantConfig, quantize_model, to_int4
+    from r1kit.quant import QuantConfig, quantize_model, to_quantized
 
     model = R1kitForCausalLM(tiny_config(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128, qkv_bias=True)).eval()
     qc = QuantConfig(group_size=32, method="gptq" if act_order else "rtn", desc_act=act_order)
     calib = torch.randint(0, 61, (4, 16), generator=torch.Generator().manual_seed(0))
-    to_int4(model, quantize_model(model, qc, calib if act_order else None), qc)
+    to_quantized(model, quantize_model(model, qc, calib if act_order else None), qc)
     return model
 
 
 def test_int4_parts_stack_into_one_layer_that_saves_as_its_parts(tiny_config):
     """What the engine does with GPTQ q/k/v and gate/up on a GPU (one Triton launch each), checked on
     the CPU through the dequantize path: same outputs, and the state dict is the checkpoint's."""
-    from r1kit.quant.int4_linear import Int4Linear, StackedInt4Linear
+    from r1kit.quant.int4_linear import QuantLinear, StackedInt4Linear
 
     model = _quantized(tiny_config)
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantLinear):
             m.backend = "dequant"
     state = {k: v.clone() for k, v in model.state_dict().items()}
     tokens, x = torch.randint(0, 61, (2, 7)), torch.randn(3, 64)

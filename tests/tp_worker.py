@@ -1,10 +1,17 @@
-"""Run under torchrun (2 processes, gloo): for each ``attention:ffn:gate`` argument, one training step of a
-tensor-parallel model against the same step on an unsharded copy in the same process. Prints one JSON
-line: each case's largest differences (one launch for every case: process start-up dominates)."""
+"""Run under torchrun (gloo), one launch for several checks (process start-up dominates):
+
+* ``tp_worker.py CASE...`` (2 processes): for each ``attention:ffn:gate`` case, one training step of a
+  tensor-parallel model against the same step on an unsharded copy in the same process. Prints one
+  JSON line: each case's largest differences.
+* ``tp_worker.py --train ARGS...`` (any number of processes): each ARGS is the command line of one
+  ``r1kit train`` run (one string), run one after the other in the same process group; exits with
+  the first failing run's status.
+"""
 
 import copy
 import json
 import os
+import shlex
 import sys
 
 import torch
@@ -39,16 +46,33 @@ def step_differences(attention: str, ffn: str, gate: str) -> dict[str, float]:
     return {"loss_diff": abs(losses[0] - losses[1]), "grad_diff": worst}
 
 
-def main(*cases: str) -> None:
+def compare_steps(*cases: str) -> int:
     dist.init_process_group("gloo")
     diffs = {case: step_differences(*case.split(":")) for case in cases}
     if dist.get_rank() == 0:
         print(json.dumps(diffs), flush=True)
-    dist.barrier()
+    return 0
+
+
+def train(*command_lines: str) -> int:
+    from r1kit.cli import main as cli
+
+    for line in command_lines:
+        status = cli(["train", *shlex.split(line)])  # the trainer joins the process group torchrun described
+        if status:
+            return status
+    return 0
+
+
+def main(*args: str) -> None:
+    status = train(*args[1:]) if args[:1] == ("--train",) else compare_steps(*args)
+    if dist.is_initialized():  # a run refused before it joined the group never initialized it
+        dist.barrier()
     # Interpreter teardown with live gloo/DTensor threads intermittently aborts on torch 2.13 ("terminate
     # called without an active exception"), after the work is done: leave without running it.
     sys.stdout.flush()
-    os._exit(0)
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from r1kit.infer.triton_decode_attention import TritonPagedDecode, load_triton_k
 from r1kit.model import R1kitForCausalLM
 from r1kit.checkpoints import load_model
 from r1kit.infer.sampling import SamplingParams
-from r1kit.quant import QuantConfig, quantize_model, to_int4
+from r1kit.quant import QuantConfig, quantize_model, to_quantized
 from r1kit.quant import triton_int4
 from r1kit.quant.int4 import triton_kernel
-from r1kit.quant.int4_linear import Int4Linear, StackedInt4Linear
+from r1kit.quant.int4_linear import QuantLinear, StackedInt4Linear
 from r1kit.quant.triton_int4 import Tiles, TileChooser, candidate_tiles, default_tiles, dequantize, int4_gptq_matmul
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_quant_triton.py (TRITON_INTERPRET=1)"
@@ -169,15 +169,15 @@ def test_triton_runs_a_gptqmodel_checkpoint_with_a_partial_group(tmp_path, act_o
 def test_triton_model_generates_as_the_reference():
     model = trained_model()
     qc = QuantConfig(group_size=64, method="rtn")
-    to_int4(model, quantize_model(model, qc), qc)
+    to_quantized(model, quantize_model(model, qc), qc)
     prompt = [3, 17, 5, 9]
     params = SamplingParams(temperature=0, max_tokens=6)
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantLinear):
             m.backend = "dequant"
     expected = generate(model, prompt, params)
     for m in model.modules():
-        if isinstance(m, Int4Linear):
+        if isinstance(m, QuantLinear):
             m.backend = "triton"
     assert generate(model, prompt, params) == expected
 

@@ -3,7 +3,7 @@
 ``$CC`` (default ``gcc``) compiles a C file with ``-O3 -march=native -ffast-math -fopenmp``
 (fast-math at compile time only, see ``COMPILE_FLAGS``) into a cache folder (``$R1KIT_KERNEL_CACHE``,
 default ``~/.cache/r1kit/kernels``) under a name hashed from the source, the shared headers
-(``csrc/*.h``), the flags, the compiler and this CPU's feature flags; it is built in a temporary folder and renamed into place, so a concurrent
+(``csrc/*.h``, and the ``*.h`` beside the source), the flags, the compiler and this CPU's feature flags; it is built in a temporary folder and renamed into place, so a concurrent
 build never loads half a library. A library resolves ``libgomp.so.1`` to the copy torch already
 loaded (torch's Linux wheels bring one under that name), so its threads are torch's threads
 (``torch.set_num_threads``). Callers treat a failed build
@@ -57,9 +57,10 @@ def build(source: Path, cache: Path | None = None) -> Path:
     """Compile ``source`` into a shared library (or find it already built); the library's path.
     Raises OSError or subprocess.SubprocessError where it cannot be built."""
     compiler = os.environ.get("CC", "gcc")
-    compile_flags = (*COMPILE_FLAGS, f"-I{INCLUDE}")
+    # the shared headers, then those beside the source (a family of kernels sharing their pieces)
+    compile_flags = (*COMPILE_FLAGS, f"-I{INCLUDE}", f"-I{source.parent}")
     flags = " ".join(compile_flags + LINK_FLAGS).encode()
-    headers = [h.read_bytes() for h in sorted(INCLUDE.glob("*.h"))]
+    headers = [h.read_bytes() for folder in (INCLUDE, source.parent) for h in sorted(folder.glob("*.h"))]
     key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, flags, compiler.encode(), platform.machine().encode(), cpu_flags().encode()]))
     folder = cache or cache_dir()
     target = folder / f"{source.stem}-{key.hexdigest()[:16]}.so"

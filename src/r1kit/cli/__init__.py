@@ -31,6 +31,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "grpo": ("r1kit.cli.grpo", "reinforcement learning with verifiable rewards (GRPO) on a task: rollouts on the engine, metrics, report"),
     "claims": ("r1kit.cli.claims", "measure every figure the guide states and write claims.md / claims.html (budgeted, resumable)"),
     "apps": ("r1kit.cli.apps", "the guide's applications: intent recognition, the support assistant, code completion, test generation"),
+    "plan": ("r1kit.cli.plan", "the memory a model needs (weights, KV cache, training) and the parallel layout for given GPUs"),
 }
 
 

@@ -1,4 +1,5 @@
-"""`r1kit quantize`: GPTQ (or RTN) 4-bit quantization of a model directory into a GPTQ checkpoint.
+"""`r1kit quantize`: GPTQ (or RTN) 4- or 8-bit quantization of a model directory into a GPTQ checkpoint
+(``--quantize-lm-head``: the output head too; a tied embedding is untied and stays float).
 
 Reads the float model, draws calibration samples, quantizes layer by layer with a progress bar,
 and writes ``--out`` (config.json with quantization_config, quantize_config.json, safetensors,
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 from r1kit.errors import ConfigError
+from r1kit.quant.config import LINEAR_BITS
 
 # what the quantized checkpoint replaces; every other top-level file travels with it (see companion_files)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
@@ -46,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="float model directory (config.json + safetensors [+ tokenizer.json]), .gguf file or pulled model name")
     parser.add_argument("--out", required=True, help="directory to write the GPTQ checkpoint to")
     parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="gptq (default; needs --calib) or rtn, round-to-nearest, the baseline")
-    parser.add_argument("--bits", type=int, choices=(4,), default=4, help="bits per weight (4: what the int4 layers run)")
+    parser.add_argument("--bits", type=int, choices=LINEAR_BITS, default=4,
+                        help="bits per weight: 4 (default) or 8 (the q8_0 class, between bfloat16 and int4)")
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="quantize the output head too (GPTQModel's lm_head option); a head tied to the embedding is untied: "
+                             "the head quantized, the embedding kept in float")
     parser.add_argument("--group-size", type=int, default=128, help="input features sharing one scale and zero (default 128; -1: one group per output channel)")
     parser.add_argument("--desc-act", type=_bool, default=None, metavar="BOOL",
                         help="act-order: quantize columns by decreasing activation energy, groups following that order (default false)")
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if model_dir.resolve() == out.resolve():
         raise ConfigError("--out must differ from --model: the float weights would be overwritten")
     chosen = {field: getattr(args, flag) for flag, field in SETTINGS.items() if getattr(args, flag) is not None}
-    config = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.method, **chosen)
+    config = QuantConfig(bits=args.bits, group_size=args.group_size, method=args.method, lm_head=args.quantize_lm_head, **chosen)
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size={args.batch_size} must be positive")
     model = load_model(model_dir, device=args.device)
@@ -137,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     source = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) or model.config.num_parameters() * 4  # a GGUF: its float32 size
     print(
         f"wrote {out}: {len(results)} linears quantized ({args.method}, {config.bits}-bit, group {config.group_size}, "
-        f"desc_act={config.desc_act}, sym={config.sym}) in {seconds:.1f}s; weights {size / 2**20:.2f} MiB "
+        f"desc_act={config.desc_act}, sym={config.sym}, lm_head={config.lm_head}) in {seconds:.1f}s; weights {size / 2**20:.2f} MiB "
         f"({100 * size / max(source, 1):.1f}% of {source / 2**20:.2f} MiB)"
     )
     errors = getattr(model, "quant_errors", {})
@@ -150,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
         blocks, float_ppl = evaluation
         del model
-        quantized_ppl = perplexity(load_model(out, device=args.device), blocks, 1, args.batch_size)["ppl"]  # as served: int4 layers
+        quantized_ppl = perplexity(load_model(out, device=args.device), blocks, 1, args.batch_size)["ppl"]  # as served: quantized layers
         report["eval"] = {"file": str(args.eval), "blocks": len(blocks), "seqlen": blocks.shape[1] - 1,
                           "float_ppl": float_ppl, "quantized_ppl": quantized_ppl}
         print(f"perplexity on {args.eval} ({len(blocks)} × {blocks.shape[1] - 1} tokens): float {float_ppl:.3f}, "

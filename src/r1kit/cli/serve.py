@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step (default 2048)")
     parser.add_argument("--max-model-len", type=int, help="longest prompt + output (default: the model's max_seq_len)")
     parser.add_argument("--kv-cache-memory", type=int, help="bytes for the KV-cache pool (default: a share of free memory)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="processes the model is split over (default 1): CPU processes (gloo), or on CUDA one GPU each from --device's (NCCL)")
     parser.add_argument("--max-waiting", type=int, default=256, help="requests in flight before new ones get 503 (default 256)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default 1 MiB; larger: 413)")
     parser.add_argument("--read-timeout", type=float, default=10.0,
@@ -101,6 +103,7 @@ def load_state(args: argparse.Namespace, state) -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     engine = LLMEngine(model, tokenizer, config, take_model=True)
     state.tokenizer, state.template = tokenizer, ChatTemplate.from_model_dir(model_dir)
@@ -195,9 +198,18 @@ def run(args: argparse.Namespace) -> int:
         if state.sampling_defaults:  # as vLLM, say so: results differ from r1kit's neutral defaults
             print(f"r1kit serve: default sampling from generation_config.json: {state.sampling_defaults} (--generation-config none: r1kit's)")
         print(f"r1kit serve: {name} ready on http://{args.host}:{args.port}", flush=True)
+        workers = state.engine.engine.workers
+        if workers is not None:  # a worker that dies stops the server, idle or not
+            workers.watch(lambda exc: (setattr(server, "should_exit", True), state.engine.request_stop()))
         state.engine.run()  # the main thread: see r1kit.serve.async_engine
     http.join()
     state.engine.stop()
+    workers = state.engine.engine.workers
+    if workers is not None:
+        dead = workers.dead
+        workers.close()
+        if dead is not None:
+            raise dead
     if not server.started:
         raise R1kitError(f"the HTTP server could not listen on {args.host}:{args.port} (in use? see the message above); pick another --port")
     return 0

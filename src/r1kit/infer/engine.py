@@ -51,11 +51,14 @@ class EngineConfig:
     pack_weights: bool = True
     # decode attention reads the paged pool in place: on the CPU a C kernel built on first use
     # (r1kit.infer.decode_attention), on CUDA a Triton one (r1kit.infer.triton_decode_attention); where
-    # neither can run, decodes gather K/V out of the pool as prefills do
+    # neither can run, decodes gather K/V out of the pool as prefills do. On the CPU a sequence decoding
+    # alone also runs the whole model in one C call (r1kit.infer.decode_step), over its own copy of the weights
     decode_kernel: bool = True
+    # processes the model is split over (r1kit.infer.tensor_parallel): this one is rank 0
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0.0 < self.kv_cache_fraction <= 1.0:
@@ -64,7 +67,8 @@ class EngineConfig:
 
 def prepare_model(model, pack_weights: bool):
     """``model`` made ready for the engine, in place: eval mode, a float16 CPU model cast to bfloat16,
-    and with ``pack_weights`` its CPU fast paths swapped in (packed linears, native RMSNorms)."""
+    and with ``pack_weights`` its fast paths swapped in (CPU: packed linears, native RMSNorms; CUDA:
+    the fused Triton norms and activations of :mod:`r1kit.fused`, after their self-check)."""
     model.eval()
     if model.device.type == "cpu" and model.dtype == torch.float16:
         # as vLLM's CPU backend does: most CPUs have no fast float16 matmul, and the CPU kernels
@@ -75,6 +79,10 @@ def prepare_model(model, pack_weights: bool):
     if pack_weights:
         pack_linears(model)
         use_native_norms(model)
+        if model.device.type == "cuda":
+            from r1kit.fused import apply_fused_kernels
+
+            apply_fused_kernels(model)
     return model
 
 
@@ -112,7 +120,13 @@ class LLMEngine:
         mc = model.config
         if compressed_layers(mc):  # fail before copying the model: the compressed cache's layout needs it
             entries_per_block(mc, config.block_size)
-        self.model = model = prepare_model(model if take_model else copy.deepcopy(model), config.pack_weights)
+        model = model if take_model else copy.deepcopy(model)
+        self.workers = None
+        if config.tensor_parallel_size > 1:  # this process keeps rank 0's shard; worker processes get theirs
+            from r1kit.infer.tensor_parallel import launch
+
+            self.workers, model = launch(model, config.tensor_parallel_size, config.pack_weights)
+        self.model = model = prepare_model(model, config.pack_weights)
         self.tokenizer = tokenizer
         self.max_model_len = config.max_model_len or mc.max_seq_len
         if self.max_model_len > mc.max_seq_len:
@@ -124,8 +138,9 @@ class LLMEngine:
         window = dataclasses.replace(shape, num_blocks=self.window_blocks) if shape is not None else None
         self.block_manager = BlockManager(self.num_blocks, config.block_size, config.enable_prefix_caching, window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.num_blocks, config.block_size, config.decode_kernel, self.window_blocks,
-                                  self.block_manager.window_table if window else None)
+        runner = ModelRunner if self.workers is None else self.workers.runner  # the same arguments
+        self.runner = runner(model, self.num_blocks, config.block_size, config.decode_kernel, self.window_blocks,
+                             self.block_manager.window_table if window else None)
         self.processor = Processor(mc, tokenizer, self.max_model_len, self.num_blocks * config.block_size, config.block_size, think_token_ids)
         self.special, self.hidden_ids = self.processor.special, self.processor.hidden_ids
         self.requests: dict[str, Request] = {}
@@ -169,6 +184,8 @@ class LLMEngine:
 
         from r1kit.model.hf import model_from_state
 
+        if self.workers is not None:
+            raise ConfigError("update_weights under tensor parallelism is not supported: start a new engine with the new weights")
         if self.requests:
             raise RuntimeError(f"update_weights with {len(self.requests)} unfinished request(s): let them finish or abort them first")
         source = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, torch.nn.Module) else state_dict_or_model
@@ -217,6 +234,11 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
         return True
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (nothing else needs closing)."""
+        if self.workers is not None:
+            self.workers.close()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

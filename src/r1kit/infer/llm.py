@@ -10,6 +10,10 @@ parameters (``generation_config="auto"``; ``"none"``: r1kit's) and extra end-of-
 :mod:`r1kit.generation_config`. A text prompt is encoded with the tokenizer's special tokens
 (a Llama tokenizer's BOS), as vLLM encodes one. Everything runs on :class:`r1kit.infer.engine.LLMEngine`;
 this class only queues the prompts and steps the engine until they are done.
+
+``LLM(model, tensor_parallel_size=2)`` splits the model over two processes (gloo on the CPU, NCCL
+and one GPU each on CUDA; :mod:`r1kit.infer.tensor_parallel`); :meth:`LLM.close` (or a ``with``
+block) stops them, as does the end of the program.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ class LLM:
         the CPU), or an ``R1kitForCausalLM``, which the engine copies (cast and moved to ``dtype``/``device``
         when given): the caller's model is left as it was and can still train; ``engine_args``: :class:`EngineConfig` fields
         (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
-        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``);
+        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``,
+        ``tensor_parallel_size``);
         ``generation_config``: ``"auto"`` or ``"none"`` (only read for a model directory)."""
         from r1kit.checkpoints.load import load_model, resolve_model
 
@@ -70,6 +75,16 @@ class LLM:
             raise ConfigError(f"unknown LLM arguments {sorted(unknown)}; engine options are {sorted(EngineConfig.__dataclass_fields__)}")
         self.llm_engine = LLMEngine(model, tokenizer, EngineConfig(**engine_args), think_token_ids, take_model=owned)
         self._extra_eos = self.generation_config.extra_stop_ids(self.llm_engine.special.eos, model.config.vocab_size)
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel worker processes, if it has any."""
+        self.llm_engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer

@@ -5,7 +5,9 @@ their new tokens into one row (a :class:`~r1kit.infer.paged_cache.PackedBatch`: 
 first) and returns the logits of each item's newest token (and, for items that ask for prompt
 logprobs, of all its new tokens). One forward per step: a step that mixes prefills with decodes
 reads the weights once, not once per kind. A step of decodes alone is already packed ([B, 1]) and
-goes straight to a :class:`~r1kit.infer.paged_cache.PagedBatch`. It owns the pool; it never decides what to run (the
+goes straight to a :class:`~r1kit.infer.paged_cache.PagedBatch`; one sequence decoding alone, on
+the CPU, takes the one-call step (:class:`~r1kit.infer.decode_step.DecodeStep`) where the model has
+one: no module, view or small tensor per layer. It owns the pool; it never decides what to run (the
 scheduler) or what to sample (the sampler).
 """
 
@@ -15,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from r1kit.infer.decode_step import DecodeStep
 from r1kit.infer.paged_cache import KVPool, PackedBatch, PagedBatch
 from r1kit.infer.sequence import Sequence
 
@@ -25,9 +28,10 @@ class ModelRunner:
 
     def __init__(self, model, num_blocks: int, block_size: int, decode_kernel: bool = True, window_blocks: int = 0,
                  window_tables: Callable[[Sequence], list[int]] | None = None) -> None:
-        self.model = model
+        self._model = model
         self.window_tables = window_tables
         self.device = model.device
+        self._use_step = decode_kernel and self.device.type == "cpu"
         kernel = None
         if decode_kernel and self.device.type == "cpu":
             from r1kit.infer.decode_attention import load_kernel
@@ -38,6 +42,30 @@ class ModelRunner:
 
             kernel = load_triton_kernel(self.device)
         self.pool = KVPool(model.config, num_blocks, block_size, model.dtype, self.device, kernel, window_blocks)
+        self._step: DecodeStep | None | bool = self._use_step  # True: not built yet
+
+    @property
+    def model(self):
+        return self._model
+
+    @model.setter
+    def model(self, model) -> None:
+        """New weights (the engine's ``update_weights``): the one-call step will be built over them."""
+        self._model = model
+        self._step = self._use_step
+
+    @property
+    def step(self) -> DecodeStep | None:
+        """The one-call step of a sequence decoding alone, None where the model has none. Built at its
+        first use: an engine that never decodes one sequence alone (large batches, reinforcement
+        learning's updates between steps) never copies its weights into the step's layout."""
+        if self._step is True:
+            self._step = DecodeStep.build(self._model, self.pool)
+        return self._step or None
+
+    @step.setter
+    def step(self, step: DecodeStep | None) -> None:
+        self._step = step
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
@@ -60,6 +88,8 @@ class ModelRunner:
         return logits[newest], full
 
     def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        if len(seqs) == 1 and self.step is not None:
+            return self.step(seqs[0], None if self.window_tables is None else self.window_tables(seqs[0]))
         # every row computes one token: [B, 1] is already packed, and the PagedBatch is the whole view
         view = PagedBatch(
             self.pool, [s.block_table for s in seqs], [s.num_computed_tokens for s in seqs], [1] * len(seqs), [s.window for s in seqs], self.device,

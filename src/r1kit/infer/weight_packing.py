@@ -140,12 +140,12 @@ def _plain(linear) -> bool:
 def _fusion(module: nn.Module, name: str, parts: tuple[str, ...], batch_hint: int) -> tuple[nn.Module, bool] | None:
     """One module computing ``module``'s ``parts`` in one call, and whether it replaces them (False:
     int4 parts stay, holding the checkpoint's tensors); None where they do not fuse."""
-    from r1kit.quant.int4_linear import FusedInt4Linear, Int4Linear, StackedInt4Linear
+    from r1kit.quant.int4_linear import FusedInt4Linear, QuantLinear, StackedInt4Linear
 
     linears = {part: getattr(module, part) for part in parts}
     if all(_plain(lin) for lin in linears.values()) and len({lin.weight.dtype for lin in linears.values()}) == 1:
         return FusedPackedLinear(name, linears, batch_hint), True
-    if all(isinstance(lin, Int4Linear) and lin.qweight.device.type == "cuda" for lin in linears.values()):
+    if all(isinstance(lin, QuantLinear) and lin.qweight.device.type == "cuda" for lin in linears.values()):
         stacked = StackedInt4Linear.stack(name, linears)  # one Triton launch; the state dict stays
         return None if stacked is None else (stacked, True)
     fused = FusedInt4Linear.fuse(list(linears.values()))  # int4 parts keep their buffers: the state dict stays
@@ -176,11 +176,11 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
     on CUDA stacked into one :class:`~r1kit.quant.int4_linear.StackedInt4Linear`), their layers
     swapped for :class:`FusedQKVAttention` / :class:`FusedGateUpFFN`;
     the other plain linears are packed one by one, and the other int4 layers frozen
-    (:meth:`~r1kit.quant.int4_linear.Int4Linear.freeze`). Nothing happens where the device or dtype has no
+    (:meth:`~r1kit.quant.int4_linear.QuantLinear.freeze`). Nothing happens where the device or dtype has no
     packed kernel. A tied output head gets its own packed copy; the embedding it shares weights with
     keeps the plain table. A Top-K FFN packs only W_gate (its gather path reads rows of the plain
     W_up and W_down); layers under tensor parallelism are left alone."""
-    from r1kit.quant.int4_linear import Int4Linear
+    from r1kit.quant.int4_linear import QuantLinear
 
     packed = 0
     for parent in list(model.modules()):
@@ -196,6 +196,6 @@ def pack_linears(model: nn.Module, batch_hint: int = BATCH_HINT) -> int:
             if _plain(child) and (only is None or name in only):
                 setattr(module, name, PackedLinear.from_linear(child, batch_hint))
                 packed += 1
-            elif isinstance(child, Int4Linear) and child.freeze():
+            elif isinstance(child, QuantLinear) and child.freeze():
                 packed += 1
     return packed

@@ -71,9 +71,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = build_norm(config)
         self.mlp = build_ffn(config, layer_idx)
 
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, norm(x + delta))``: the residual add and the norm after it, the step a
+        subclass may compute in one pass (``r1kit.fused``)."""
+        h = x + delta
+        return h, norm(h)
+
     def forward(self, x, cos, sin, window: int, cache: KVCacheView | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, window, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, normed = self.add_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, window, cache), self.post_attention_layernorm)
+        return h + self.mlp(normed)
 
 
 class DecoderModel(nn.Module):

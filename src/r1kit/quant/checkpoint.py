@@ -3,13 +3,15 @@
 A directory holds ``config.json`` (the model's, with ``quantization_config``), ``quantize_config.json``
 (the same mapping, for tools that read only that file) and safetensors weights where each quantized
 linear ``X`` is ``X.qweight``/``X.qzeros``/``X.scales``/``X.g_idx`` [+ ``X.bias``] and everything else
-is a float tensor under its usual name. Which linears are quantized is read from the tensors, not
+is a float tensor under its usual name. Codes are 4 or 8 bits (``bits``); ``lm_head`` may be quantized
+too (``quantization_config.lm_head``), with ``tie_word_embeddings: false`` and the embedding in float. Which linears are quantized is read from the tensors, not
 assumed. Every mismatch (shape, bits, group size, format) is a :class:`CheckpointError` naming the
 tensor and the fix. Files are written through :func:`r1kit.model.hf.save_model` (temp file + rename).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from torch import nn
 from r1kit.config import dump_json
 from r1kit.errors import CheckpointError
 from r1kit.quant.config import QuantConfig
-from r1kit.quant.int4_linear import Int4Linear
+from r1kit.quant.int4_linear import QuantLinear
 from r1kit.quant.packing import default_g_idx, group_count
 from r1kit.quant.rtn import QuantResult
 
@@ -34,7 +36,7 @@ def save_quantized(model: nn.Module, path: str | Path, config: QuantConfig, resu
     """Write ``model`` as a GPTQ checkpoint.
 
     ``results`` (from :func:`r1kit.quant.quantizer.quantize_model`) replaces those float linears' weights
-    with packed codes; modules that already are :class:`Int4Linear` are written as they are. ``dtype``
+    with packed codes; modules that already are :class:`QuantLinear` are written as they are. ``dtype``
     stores the float tensors (embeddings, norms, lm_head, biases) in another dtype (GPTQ checkpoints
     usually hold float16); scales are always float16.
     """
@@ -110,7 +112,10 @@ def expected_shapes(in_features: int, out_features: int, group_size: int, bits: 
 
 
 def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Build the r1kit model with :class:`Int4Linear` layers from a GPTQ checkpoint directory."""
+    """Build the r1kit model with :class:`QuantLinear` layers from a GPTQ checkpoint directory.
+
+    A quantized ``lm_head`` in a checkpoint whose config says the head is tied (a writer that kept
+    the flag) is read untied: the head runs its codes, the embedding its float table."""
     from r1kit.device import DTYPES
     from r1kit.model.hf import check_weights, finish_load, load_config, read_safetensors
     from r1kit.model.transformer import R1kitForCausalLM
@@ -124,6 +129,8 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         raise CheckpointError(f"{path} has no quantization_config in config.json nor a {QUANT_FILE}: it is not a GPTQ checkpoint")
     qconfig = QuantConfig.from_hf(section, where)
     state = read_safetensors(_weight_files(path))
+    if model_config.tie_embeddings and "lm_head.qweight" in state:
+        model_config = dataclasses.replace(model_config, tie_embeddings=False)
     if model_config.tie_embeddings:
         state.pop("lm_head.weight", None)
     target = dtype or DTYPES.get(model_config.torch_dtype, torch.float32)
@@ -134,7 +141,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     if not quantized:
         raise CheckpointError(f"{path}: {where} says GPTQ but no tensor ends in .qweight; the weights are not quantized")
     for name in quantized:
-        _swap_in_int4(model, name, state, qconfig, path)
+        _swap_in_quantized(model, name, state, qconfig, path)
 
     expected = model.state_dict()
     check_weights(path, expected, state, model_config.tie_embeddings, optional={f"{n}.g_idx" for n in quantized})
@@ -150,7 +157,7 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
         kind = key.rsplit(".", 1)[-1]
         if kind in ("qweight", "qzeros", "g_idx"):
             loaded[key] = tensor.to(device=device, dtype=torch.int32)
-        elif kind == "scales" and _is_int4(model, key):
+        elif kind == "scales" and _is_quantized(model, key):
             loaded[key] = tensor.to(device=device, dtype=torch.float16)
         else:
             loaded[key] = tensor.to(device=device, dtype=target)
@@ -159,11 +166,11 @@ def load_quantized(path: str | Path, dtype: torch.dtype | None = None, device: s
     return model
 
 
-def _is_int4(model: nn.Module, key: str) -> bool:
-    return isinstance(model.get_submodule(key.rsplit(".", 1)[0]), Int4Linear)
+def _is_quantized(model: nn.Module, key: str) -> bool:
+    return isinstance(model.get_submodule(key.rsplit(".", 1)[0]), QuantLinear)
 
 
-def _swap_in_int4(model: nn.Module, name: str, state: dict[str, torch.Tensor], qconfig: QuantConfig, path: Path) -> None:
+def _swap_in_quantized(model: nn.Module, name: str, state: dict[str, torch.Tensor], qconfig: QuantConfig, path: Path) -> None:
     try:
         linear = model.get_submodule(name)
     except AttributeError:
@@ -173,21 +180,21 @@ def _swap_in_int4(model: nn.Module, name: str, state: dict[str, torch.Tensor], q
     for part in ("qzeros", "scales"):
         if f"{name}.{part}" not in state:
             raise CheckpointError(f"{path}: {name}.qweight has no {name}.{part}; the checkpoint is incomplete or not GPTQ")
-    in_f, out_f = linear.in_features, linear.out_features
-    if in_f % 8 or out_f % 8:
-        raise CheckpointError(f"{path}: {name} is {in_f}→{out_f}; 4-bit GPTQ packing needs multiples of 8")
-    for part, shape in expected_shapes(in_f, out_f, qconfig.group_size).items():
+    in_f, out_f, bits = linear.in_features, linear.out_features, qconfig.bits
+    if in_f % (32 // bits) or out_f % (32 // bits):
+        raise CheckpointError(f"{path}: {name} is {in_f}→{out_f}; {bits}-bit GPTQ packing needs multiples of {32 // bits}")
+    for part, shape in expected_shapes(in_f, out_f, qconfig.group_size, bits).items():
         key = f"{name}.{part}"
         if key in state and tuple(state[key].shape) != shape:
             layout = {"qweight": "[in·bits/32, out]", "qzeros": "[groups, out·bits/32]", "scales": "[groups, out]", "g_idx": "[in]"}[part]
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(state[key].shape)}, expected {shape} ({layout} for a {in_f}→{out_f} "
-                f"linear, bits=4, group_size={qconfig.group_size}); the tensor is corrupt or quantization_config is wrong"
+                f"linear, bits={bits}, group_size={qconfig.group_size}); the tensor is corrupt or quantization_config is wrong"
             )
     parent_name, _, attr = name.rpartition(".")
     bias = f"{name}.bias" in state
     with torch.device("meta"):
-        layer = Int4Linear(in_f, out_f, qconfig.group_size, bias=bias, zero_offset=qconfig.zero_offset)
+        layer = QuantLinear(in_f, out_f, qconfig.group_size, bias=bias, bits=bits, zero_offset=qconfig.zero_offset)
     setattr(model.get_submodule(parent_name), attr, layer)
 
 

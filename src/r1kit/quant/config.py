@@ -14,6 +14,8 @@ from typing import Any
 from r1kit.errors import CheckpointError, ConfigError
 from r1kit.quant.packing import group_span
 
+LINEAR_BITS = (4, 8)  # the widths r1kit's GPTQ layers run (QuantLinear's codes)
+
 FORMATS = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is subtracted from each stored zero
 
 
@@ -34,10 +36,12 @@ class QuantConfig:
     mse: float = 2.4  # clipping search: the norm of the rounding error it minimises (0: off; see docs/quant.md)
     checkpoint_format: str = "gptq"
     method: str = "gptq"  # how the codes were found: gptq | rtn (both write the same format)
+    # the output head quantized too (GPTQModel's ``lm_head`` field; a tied embedding is untied and stays float)
+    lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 4, 8):
-            raise ConfigError(f"bits={self.bits}: r1kit quantizes to 2, 4 or 8 bits (its int4 kernel runs 4)")
+            raise ConfigError(f"bits={self.bits}: r1kit quantizes to 2, 4 or 8 bits (its layers run 4 and 8)")
         if self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"group_size={self.group_size} must be positive, or -1 for one group per output channel")
         if not 0 <= self.damp_percent < 1:
@@ -74,6 +78,7 @@ class QuantConfig:
             "static_groups": self.static_groups,
             "checkpoint_format": self.checkpoint_format,
             "pack_dtype": "int32",
+            "lm_head": self.lm_head,
             "meta": {"quantizer": ["r1kit"], "method": self.method, "act_group_aware": self.act_group_aware, "mse": self.mse},
         }
 
@@ -89,9 +94,10 @@ class QuantConfig:
         if raw.get("is_marlin_format") or fmt not in FORMATS:
             raise CheckpointError(f"{where}: checkpoint_format={fmt!r} is not supported; r1kit reads {sorted(FORMATS)}")
         bits = raw.get("bits")
-        if bits != 4:
+        if bits not in LINEAR_BITS:
             raise CheckpointError(
-                f"{where}: bits={bits!r}; r1kit's int4 layers run 4-bit GPTQ checkpoints only (re-quantize with --bits 4)"
+                f"{where}: bits={bits!r}; r1kit's GPTQ layers run {' and '.join(map(str, LINEAR_BITS))}-bit checkpoints only "
+                "(re-quantize with --bits 4 or --bits 8)"
             )
         group_size = raw.get("group_size", 128)
         if not isinstance(group_size, int) or (group_size != -1 and group_size < 1):
@@ -107,6 +113,7 @@ class QuantConfig:
                 damp_auto_increment=float(raw.get("damp_auto_increment", 0.01)),
                 true_sequential=bool(raw.get("true_sequential", True)),
                 static_groups=bool(raw.get("static_groups", False)),
+                lm_head=bool(raw.get("lm_head", False)),
                 checkpoint_format=fmt,
                 method=meta.get("method", "gptq") if meta.get("method") in ("gptq", "rtn") else "gptq",
             )

@@ -19,6 +19,8 @@ This module only moves bits: it must never round, choose scales or touch a model
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from r1kit.errors import CheckpointError
@@ -43,9 +45,12 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, cols = codes.shape
     if rows % p:
         raise CheckpointError(f"cannot pack {rows} rows of {bits}-bit codes: the row count must be a multiple of {p}")
-    c = codes.to(torch.int64)
-    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] to pack into {bits} bits")
+    if bits == 8 and sys.byteorder == "little":
+        # whole bytes: word (r, n)'s bytes in memory are rows 4r..4r+3 of column n, least significant first
+        return codes.to(torch.uint8).reshape(rows // p, p, cols).transpose(1, 2).reshape(rows // p, cols * p).view(torch.int32)
+    c = codes.to(torch.int64)
     shifts = (torch.arange(p, device=c.device, dtype=torch.int64) * bits).view(1, p, 1)
     return _to_int32((c.view(rows // p, p, cols) << shifts).sum(dim=1))
 

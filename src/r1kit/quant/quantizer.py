@@ -4,20 +4,25 @@ GPTQ's calibration passes stop as soon as the linears being calibrated have thei
 pre-hook raises), linears that read one input share its Hessian and are swept as one stacked
 matrix, and each linear's output error is read off its Hessian (see docs/quant.md).
 
-Which linears: every decoder layer's ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``.
-The embeddings, norms, ``lm_head`` and the hybrid attention gate (``self_attn.gate``, a tiny MLP
-whose sigmoid decides the branch mix) stay in float. Memory is bounded by one layer's activations
+Which linears: every decoder layer's ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``,
+and ``lm_head`` where the config asks for it (``QuantConfig.lm_head``; GPTQ calibrates it on the final
+norm's outputs). A head tied to the embedding is untied first (:func:`untie_lm_head`): the head is
+quantized, the embedding lookup keeps the float table, and the model says ``tie_embeddings=False``,
+which is how GPTQ tools and vLLM read a checkpoint with a quantized head. The embeddings, norms and
+the hybrid attention gate (``self_attn.gate``, a tiny MLP whose sigmoid decides the branch mix) stay
+in float. Memory is bounded by one layer's activations
 for the calibration set (kept in place: each batch's outputs overwrite its inputs) plus one
 layer's Hessians; no full-model activations are kept.
 
 After :func:`quantize_model` the model holds the dequantized weights in its float linears (so it
-can be evaluated as is) and the returned codes are what :func:`to_int4` and the checkpoint writer
+can be evaluated as is) and the returned codes are what :func:`to_quantized` and the checkpoint writer
 turn into GPTQ tensors. This module must never write files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -26,9 +31,9 @@ from torch import nn
 
 from r1kit.errors import ConfigError
 from r1kit.model.ffn import TopKFFN
-from r1kit.quant.config import QuantConfig
+from r1kit.quant.config import LINEAR_BITS, QuantConfig
 from r1kit.quant.gptq import Hessian, gptq_quantize, output_error
-from r1kit.quant.int4_linear import Int4Linear
+from r1kit.quant.int4_linear import QuantLinear
 from r1kit.quant.rtn import QuantResult, quantize_rtn
 
 # true-sequential order: a group is quantized before the next one's inputs are collected
@@ -39,6 +44,7 @@ SEQUENTIAL = (
     ("mlp.down_proj",),
 )
 TARGETS = tuple(name for group in SEQUENTIAL for name in group)
+HEAD = "lm_head"
 
 
 def layer_linears(layer: nn.Module, names: tuple[str, ...] = TARGETS) -> dict[str, nn.Linear]:
@@ -54,17 +60,35 @@ def layer_linears(layer: nn.Module, names: tuple[str, ...] = TARGETS) -> dict[st
     return out
 
 
+def targets(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
+    """Every linear the config quantizes, by its name in the model."""
+    found = {f"model.layers.{i}.{name}": linear for i, layer in enumerate(model.model.layers) for name, linear in layer_linears(layer).items()}
+    if config.lm_head:
+        found[HEAD] = model.lm_head
+    return found
+
+
 def check_quantizable(model: nn.Module, config: QuantConfig) -> None:
-    """Every target's in_features must split into 8-code words and its out_features into 8-zero words
-    (a group size that does not divide in_features leaves a partial last group, which the format holds)."""
+    """Every target's in_features must split into whole words of codes and its out_features into whole
+    words of zero points (a group size that does not divide in_features leaves a partial last group,
+    which the format holds)."""
     per_word = 32 // config.bits
-    for i, layer in enumerate(model.model.layers):
-        for name, linear in layer_linears(layer).items():
-            if linear.in_features % per_word or linear.out_features % per_word:
-                raise ConfigError(
-                    f"model.layers.{i}.{name} is {linear.in_features}→{linear.out_features}: both must be multiples of "
-                    f"{per_word} to pack {config.bits}-bit codes"
-                )
+    for name, linear in targets(model, config).items():
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"{name} is a {type(linear).__name__}, not a float linear: quantize the float model")
+        if linear.in_features % per_word or linear.out_features % per_word:
+            raise ConfigError(
+                f"{name} is {linear.in_features}→{linear.out_features}: both must be multiples of "
+                f"{per_word} to pack {config.bits}-bit codes"
+            )
+
+
+def untie_lm_head(model: nn.Module) -> None:
+    """Give a head tied to the embedding its own copy of the weight, and say so in the model's config:
+    quantizing the head then leaves the embedding's float table as it was."""
+    if model.config.tie_embeddings:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=model.lm_head.weight.requires_grad)
+        model.config = dataclasses.replace(model.config, tie_embeddings=False)
 
 
 @contextlib.contextmanager
@@ -98,19 +122,27 @@ def quantize_model(
     """
     check_quantizable(model, config)
     model.eval()
+    if config.lm_head:
+        untie_lm_head(model)
     wrap = progress or (lambda it: it)
     layers = model.model.layers
     if config.method == "rtn":
         results = {}
         for i in wrap(range(len(layers))):
             for name, linear in layer_linears(layers[i]).items():
-                result = quantize_rtn(linear.weight, config)
-                linear.weight.data.copy_(result.weight(linear.weight.dtype))
-                results[f"model.layers.{i}.{name}"] = result
+                results[f"model.layers.{i}.{name}"] = _rtn(linear, config)
+        if config.lm_head:
+            results[HEAD] = _rtn(model.lm_head, config)
         return results
     if calibration is None or calibration.numel() == 0:
         raise ConfigError("GPTQ needs calibration data (--calib shards or a text file)")
     return _gptq(model, config, calibration, batch_size, wrap, on_layer)
+
+
+def _rtn(linear: nn.Linear, config: QuantConfig) -> QuantResult:
+    result = quantize_rtn(linear.weight, config)
+    linear.weight.data.copy_(result.weight(linear.weight.dtype))
+    return result
 
 
 class _Collected(Exception):
@@ -199,23 +231,39 @@ def _gptq(model, config: QuantConfig, tokens: torch.Tensor, batch_size: int, wra
         model.quant_errors.update(records)
         if on_layer is not None:
             on_layer(i, records)
+    if config.lm_head:  # its inputs: the final norm of the last quantized layer's outputs
+        H = Hessian(xs.shape[-1], device)
+        for b in batches:
+            H.add(model.model.norm(xs[b]))
+        results[HEAD] = _gptq_linear(model.lm_head, H, config, model.quant_errors, HEAD)
     return results
 
 
-def to_int4(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> nn.Module:
-    """Swap the quantized float linears for :class:`Int4Linear` modules holding the packed codes."""
-    if config.bits != 4:
-        raise ConfigError(f"bits={config.bits}: only 4-bit weights run in r1kit's int4 layers (the checkpoint can still be written)")
+def _gptq_linear(linear: nn.Linear, H: Hessian, config: QuantConfig, records: dict, key: str) -> QuantResult:
+    """GPTQ of one linear against its Hessian, its weight replaced by the dequantized one, its record kept."""
+    start = time.perf_counter()
+    result, damp = gptq_quantize(linear.weight, H.matrix, config)
+    quantized = result.weight(linear.weight.dtype)
+    records[key] = {"output_error": output_error(linear.weight, quantized, H.matrix), "damp": damp, "seconds": time.perf_counter() - start}
+    linear.weight.data.copy_(quantized)
+    return result
+
+
+def to_quantized(model: nn.Module, results: dict[str, QuantResult], config: QuantConfig) -> nn.Module:
+    """Swap the quantized float linears for :class:`QuantLinear` modules holding the packed codes."""
+    if config.bits not in LINEAR_BITS:
+        raise ConfigError(f"bits={config.bits}: r1kit's layers run {LINEAR_BITS} bits (the checkpoint can still be written)")
     for name, result in results.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, attr)
-        layer = Int4Linear.from_packed(
+        layer = QuantLinear.from_packed(
             {k: v.to(linear.weight.device) for k, v in result.pack(config).items()},
             linear.in_features, linear.out_features, config.group_size,
             bias=None if linear.bias is None else linear.bias.detach(),
-            zero_offset=config.zero_offset, dtype=linear.weight.dtype,
+            zero_offset=config.zero_offset, dtype=linear.weight.dtype, bits=config.bits,
         )
         setattr(parent, attr, layer)
     model.quantization_config = config
     return model
+

@@ -313,7 +313,7 @@ def _self_check(device: torch.device, dtype: torch.dtype) -> None:
 def verified(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether this device runs the kernels correctly in ``dtype`` (:func:`_self_check`, once per device
     and dtype and process). False, with a warning, where they fail to compile, launch or agree: then
-    ``Int4Linear``'s ``auto`` backend keeps the dequantize path there, as the engine's decode
+    ``QuantLinear``'s ``auto`` backend keeps the dequantize path there, as the engine's decode
     attention keeps its gather path when its Triton kernel fails its check."""
     try:
         _self_check(device, dtype)

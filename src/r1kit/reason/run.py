@@ -65,7 +65,7 @@ class PolicyRun:
             torch.set_num_threads(threads)
         check_run_dir(self.out)
         self.model_dir = resolve_model(model)
-        resumed = resume_point(self.out, 0, log) if resume else None
+        resumed = resume_point(self.out, log) if resume else None
         if resume and resumed is None:
             log(f"no checkpoint under {self.out / 'checkpoints'}: starting from step 0")
         torch.manual_seed(seed)

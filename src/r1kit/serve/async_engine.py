@@ -19,6 +19,7 @@ import uuid
 from r1kit.errors import ConfigError, R1kitError
 from r1kit.infer.outputs import RequestOutput, coalesce
 from r1kit.infer.sampling import SamplingParams
+from r1kit.infer.tensor_parallel import EngineDeadError
 
 
 class QueueFull(R1kitError):
@@ -169,6 +170,8 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     try:
                         outputs = self.engine.step()
+                    except EngineDeadError:  # a tensor-parallel rank is gone: no later step can run either
+                        raise
                     except Exception as exc:  # fail these requests, keep serving the next ones
                         self._fail_all(exc)
                         continue

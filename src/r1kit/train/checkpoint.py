@@ -1,8 +1,11 @@
 """Training checkpoints: a Hugging Face model directory plus the loop's state, written atomically and verified.
 
 ``<out>/checkpoints/step-NNNNNNN/`` holds ``config.json`` + ``model.safetensors`` (what every
-other tool reads), ``trainer_state.pt`` (optimizer, step, RNG, data position, sparsity controller)
-and ``manifest.json`` (every other file's size and xxh3-128 hash). A checkpoint is written under a
+other tool reads, and what a resumed run starts from), ``trainer_state.pt`` (step, RNG, data
+position, sparsity controller; the optimizer too for the runs of reason/), the trainer's
+``optimizer/`` (a torch.distributed.checkpoint folder, see :mod:`r1kit.train.optimizer_state`, so a
+run saved by some number of processes resumes on any other) and ``manifest.json`` (every other
+file's size and xxh3-128 hash). A checkpoint is written under a
 temporary name, synced to disk, given its manifest last and renamed, so a run killed at any moment
 leaves only whole checkpoints. ``--resume`` starts from the newest checkpoint that still matches its
 manifest and says which newer ones it skipped and why (a disk that died mid-write, a truncated
@@ -31,6 +34,7 @@ from r1kit.data.records import write_json
 from r1kit.errors import CheckpointError, ConfigError
 
 PREFIX = "step-"
+STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "r1kit-checkpoint-v1"
 _HASH_CHUNK = 8 << 20
@@ -61,13 +65,16 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor] | None = None,
     rank: int = 0,
     barrier: Callable[[], None] = lambda: None,
+    write_shards: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` and prune to the newest ``keep``; returns its directory.
 
-    Tensor-parallel runs call this on every rank (``rank``, ``barrier``): rank 0 writes the gathered
-    model, each rank its own optimizer shard, and rank 0 writes the manifest and renames once all
-    have written. A failed write (disk full, I/O error) removes the partial checkpoint and raises
-    :class:`CheckpointError`; the checkpoints written before stay as they were.
+    A run of several processes calls this on every rank (``rank``, ``barrier``): rank 0 writes the
+    model (``model_state``: its gathered weights when they are sharded) and the trainer state, every
+    rank calls ``write_shards`` with the temporary folder (the optimizer's shards), and rank 0 writes
+    the manifest and renames once all have written. A failed write (disk full, I/O error) removes
+    the partial checkpoint and raises :class:`CheckpointError`; the checkpoints written before stay
+    as they were.
     """
     _check_plain(state, "trainer state")
     root = checkpoint_dir(out)
@@ -80,8 +87,10 @@ def save_checkpoint(
             model.save_pretrained(tmp, state=model_state)
             for file in extra_files:
                 shutil.copyfile(file, tmp / Path(file).name)
+            torch.save(state, tmp / STATE_FILE)
         barrier()
-        torch.save(state, tmp / state_file(rank))
+        if write_shards is not None:
+            write_shards(tmp)
         barrier()
         if rank == 0:
             write_manifest(tmp)
@@ -102,10 +111,6 @@ def save_checkpoint(
     return final
 
 
-def state_file(rank: int) -> str:
-    return "trainer_state.pt" if rank == 0 else f"trainer_state.rank{rank}.pt"
-
-
 def list_checkpoints(out: str | Path) -> list[Path]:
     """Checkpoint folders, oldest first (temporary folders of an interrupted save are ignored).
 
@@ -118,7 +123,7 @@ def list_checkpoints(out: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))  # by number: step 10**7 has 8 digits
 
 
-def resume_point(out: str | Path, rank: int = 0, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
+def resume_point(out: str | Path, log: Callable[[str], None] = print) -> tuple[Path, dict[str, Any]] | None:
     """The newest intact checkpoint under ``out`` and its trainer state, or None when there is none.
 
     Newer checkpoints that fail verification are skipped with a message saying why; when every
@@ -129,7 +134,7 @@ def resume_point(out: str | Path, rank: int = 0, log: Callable[[str], None] = pr
     for path in reversed(found):
         try:
             verify_checkpoint(path, log)
-            return path, load_trainer_state(path, rank)
+            return path, load_trainer_state(path)
         except CheckpointError as exc:
             log(f"skipping checkpoint {path}: {exc}")
             skipped.append(f"{path.name}: {exc}")
@@ -180,13 +185,13 @@ def verify_checkpoint(path: Path, log: Callable[[str], None] = print) -> None:
             raise CheckpointError(f"{name} does not match the checksum in its manifest (corrupted on disk)")
 
 
-def load_trainer_state(path: Path, rank: int = 0) -> dict[str, Any]:
-    """The trainer state of checkpoint ``path`` for ``rank``, read as plain data only (never runs code)."""
-    file = path / state_file(rank)
+def load_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer state of checkpoint ``path``, read as plain data only (never runs code)."""
+    file = path / STATE_FILE
     if not file.is_file():
-        raise CheckpointError(f"{file.name} is missing: resume a tensor-parallel run with the same number of processes")
+        raise CheckpointError(f"{file.name} is missing")
     if torch.distributed.is_available():
-        importlib.import_module("torch.distributed.tensor")  # registers a tensor-parallel run's DTensors as safe to load
+        importlib.import_module("torch.distributed.tensor")  # registers DTensors (an older r1kit's tensor-parallel state) as safe to load
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

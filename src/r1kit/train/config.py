@@ -16,6 +16,7 @@ from r1kit.errors import ConfigError
 from r1kit.model.sparsity import SparsityControl
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+DATA_PARALLEL = ("ddp", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     activation_checkpointing: bool = False
+    fused_kernels: bool = False  # on CUDA: r1kit.fused's Triton norms and activations, after their self-check
     sparsity_control: SparsityControl | None = dataclasses.field(default_factory=SparsityControl)
     eval_every: int = 100
     eval_batches: int = 16
@@ -48,6 +50,7 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     tensor_parallel: int = 1
+    data_parallel: str = "ddp"
     device: str = "auto"
     threads: int | None = None
 
@@ -70,6 +73,11 @@ class TrainConfig:
             raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
         if self.grad_clip < 0:
             raise ConfigError(f"train.grad_clip={self.grad_clip} must be >= 0 (0 turns clipping off)")
+        if self.data_parallel not in DATA_PARALLEL:
+            raise ConfigError(
+                f"train.data_parallel={self.data_parallel!r} is not one of {DATA_PARALLEL}: ddp replicates the model on every "
+                "process, fsdp shards parameters, gradients and optimizer state over them (FSDP2; needed with tensor_parallel)"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision={self.precision!r} is not one of {PRECISIONS}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):

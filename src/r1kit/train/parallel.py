@@ -1,4 +1,5 @@
-"""Tensor parallelism as a plan over a DeviceMesh (DTensor ``parallelize_module``), as torchtitan does.
+"""Tensor parallelism as a plan over a DeviceMesh (DTensor ``parallelize_module``), and FSDP2 over
+another, as torchtitan does (:func:`apply_tp` first, then :func:`apply_fsdp`).
 
 Per block: Q/K/V and the FFN's gate/up projections are column-parallel (each rank owns a slice of the
 heads and of the FFN neurons), the attention output and FFN down projections row-parallel (their
@@ -22,7 +23,12 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from r1kit.errors import ConfigError
 from r1kit.model.attention import Attention
@@ -88,7 +94,8 @@ class TensorParallelTopKFFN(TopKFFN):
 
 
 def apply_tp(model, mesh: DeviceMesh) -> None:
-    """Shard every block of ``model`` over the 1-D tensor-parallel ``mesh`` in place."""
+    """Shard every block of ``model`` over the 1-D tensor-parallel ``mesh`` in place (a 2-D run passes
+    its ``tp`` sub-mesh)."""
     size = mesh.size()
     cfg = model.config
     for name, value in (("num_heads", cfg.num_heads), ("num_kv_heads", cfg.num_kv_heads), ("intermediate_size", cfg.intermediate_size)):
@@ -111,3 +118,13 @@ def apply_tp(model, mesh: DeviceMesh) -> None:
         if isinstance(layer.mlp, TopKFFN):
             # the gather path ranks neurons within one device's rows: a shard never takes it
             layer.mlp = specialize(layer.mlp, TensorParallelTopKFFN, shard=shard, gather_max_tokens=0)
+
+
+def apply_fsdp(model, mesh: DeviceMesh) -> None:
+    """Shard ``model``'s parameters, gradients and optimizer state over the 1-D data-parallel ``mesh``
+    with FSDP2, in place: each block is its own unit (gathered just before it runs, freed after), the
+    root holds the rest (embeddings, final norm, head). Tensor-parallel blocks are sharded again along
+    this mesh."""
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)

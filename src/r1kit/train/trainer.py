@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from r1kit.config import ModelConfig, dump_json
 from r1kit.data.shards import ShardDataset
 from r1kit.device import resolve_device
-from r1kit.errors import ConfigError
+from r1kit.errors import CheckpointError, ConfigError
 from r1kit.model.sparsity import SparsityController
 from r1kit.model.transformer import R1kitForCausalLM
 from r1kit.train import distributed
@@ -124,7 +124,7 @@ class Trainer:
     def __init__(self, model_config: ModelConfig | None, config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print) -> None:
         self.config, self.log = config, log
         self.out = Path(config.out)
-        self.dist = distributed.setup(config.tensor_parallel, config.device)
+        self.dist = distributed.setup(config.tensor_parallel, config.device, config.data_parallel)
         self.device = resolve_device(config.device, "train.device") if self.dist.world == 1 else self.dist.device
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -135,7 +135,7 @@ class Trainer:
         self.validate = self._check_data()
         check_run_dir(self.out)
         self.tokenizer_file = self._find_tokenizer()
-        resumed = resume_point(self.out, self.dist.rank if self.dist.tp > 1 else 0, log) if resume else None
+        resumed = resume_point(self.out, log) if resume else None
         checkpoint = resumed[0] if resumed else None
         if resume and checkpoint is None:
             log(f"no checkpoint under {self.out / 'checkpoints'}: starting from step 0")
@@ -147,6 +147,10 @@ class Trainer:
                 "set model.vocab_size to the tokenizer's size"
             )
         self.model.gradient_checkpointing = config.activation_checkpointing
+        if config.fused_kernels:  # swapped in before any wrapping; where they cannot run, r1kit.fused logs why
+            from r1kit.fused import apply_fused_kernels
+
+            apply_fused_kernels(self.model, dtypes=(self.model.dtype, AUTOCAST[config.precision] or self.model.dtype))
         self.wrapped = distributed.wrap(self.model, self.dist)
         self.optimizer = build_adamw(self.model, config.lr, config.weight_decay, (config.beta1, config.beta2), config.eps, fused=self.dist.tp == 1)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
@@ -210,16 +214,49 @@ class Trainer:
         return model.train()
 
     def _restore(self, checkpoint: Path, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_optimizer(checkpoint)
         self.scaler.load_state_dict(state["scaler"])
         self.data.load_state_dict(state["data"])
         self.state = LoopState(**state["loop"])
+        self._split_batch(state.get("data_parallel", self.dist.dp_world))
         if self.controller is not None and state.get("controller"):
             self.controller.load_state_dict(state["controller"])
         restore_rng(state["rng"], self.device)
         if self.dist.is_main:
             truncate_metrics(self.out / "metrics.jsonl", self.state.step)
         self.log(f"resumed from {checkpoint} at step {self.state.step}")
+
+    def _restore_optimizer(self, checkpoint: Path) -> None:
+        # imported here: torch.distributed.checkpoint takes seconds to import, and only checkpoints need it
+        from r1kit.train import optimizer_state
+
+        folder = checkpoint / optimizer_state.FOLDER
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{checkpoint} has no {optimizer_state.FOLDER}/ folder: an older r1kit wrote it, before checkpoints resumed on "
+                f"any number of processes. Resume it with that r1kit, or start a new run from its weights (train.init_from: {checkpoint})"
+            )
+        optimizer_state.load_optimizer(self.model, self.optimizer, folder)
+
+    def _split_batch(self, saved_dp: int) -> None:
+        """Keep each step's batch when the run resumes on a different number of data-parallel ranks:
+        the checkpoint's ranks each took ``micro_batch_size × grad_accum`` sequences; each rank now takes
+        its share, in micro-batches of at most ``train.micro_batch_size``."""
+        if saved_dp == self.dist.dp_world:
+            return
+        batch = self.state.micro_batch_size * self.state.grad_accum * saved_dp
+        if batch % self.dist.dp_world:
+            raise ConfigError(
+                f"the checkpoint's steps take {batch} sequences, which {self.dist.dp_world} data-parallel ranks cannot share "
+                f"equally: resume on a number of processes whose data-parallel part divides {batch}"
+            )
+        share = batch // self.dist.dp_world
+        self.state.micro_batch_size = max(d for d in range(1, min(share, self.config.micro_batch_size) + 1) if share % d == 0)
+        self.state.grad_accum = share // self.state.micro_batch_size
+        self.log(
+            f"resuming {saved_dp} data-parallel rank(s) on {self.dist.dp_world}: each takes {share} of the step's {batch} "
+            f"sequences, micro-batch {self.state.micro_batch_size} x accumulation {self.state.grad_accum}"
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -231,7 +268,7 @@ class Trainer:
         baseline = unigram_perplexity(self.data)
         self.log(
             f"model {self.model.config.num_parameters() / 1e6:.2f}M params | {self.data.tokens:,} train tokens | "
-            f"{cfg.tokens_per_step * self.dist.dp_world:,} tokens/step | unigram-baseline perplexity {baseline:.1f}"
+            f"{self._step_tokens():,} tokens/step | unigram-baseline perplexity {baseline:.1f}"
         )
         bar = progress_bar(self.state.step, cfg.max_steps, self.dist.is_main)
         start = time.perf_counter() - self.state.elapsed
@@ -248,8 +285,8 @@ class Trainer:
             loss, grad_norm = self._train_step()
             sparsity = self.controller.step(loss) if self.controller else {}
             self.state.step += 1
-            self.state.tokens += cfg.tokens_per_step * self.dist.dp_world
-            window_tokens += cfg.tokens_per_step * self.dist.dp_world
+            self.state.tokens += self._step_tokens()
+            window_tokens += self._step_tokens()
             self.state.elapsed = time.perf_counter() - start
             if cfg.eval_every and self.state.step % cfg.eval_every == 0:
                 last_val = self.evaluate()
@@ -286,6 +323,10 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return summary
+
+    def _step_tokens(self) -> int:
+        """Tokens of one optimizer step on all data-parallel ranks (the loop's batch: a resumed run may split it anew)."""
+        return self.state.micro_batch_size * self.state.grad_accum * self.config.seq_len * self.dist.dp_world
 
     def _train_step(self) -> tuple[float, float]:
         """One optimizer step over the step's full batch; on OOM retry with half the micro-batch."""
@@ -357,28 +398,30 @@ class Trainer:
 
     # -- outputs --------------------------------------------------------------------------------
     def save(self) -> None:
-        sharded = self.dist.tp > 1
-        full = distributed.full_state_dict(self.model) if sharded else None  # a collective: every rank
-        if not (self.dist.is_main or sharded):
-            return
+        """Checkpoint the run on every rank: the model (gathered where it is sharded) and the loop's
+        state from rank 0, the optimizer's shards from each rank (torch.distributed.checkpoint)."""
+        from r1kit.train import optimizer_state
+
+        full = distributed.full_state_dict(self.model) if self.dist.sharded else None  # a collective: every rank
         state = {
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "data": self.data.state_dict(),
             "loop": dataclasses.asdict(self.state),
+            "data_parallel": self.dist.dp_world,  # the loop's micro-batch is per data-parallel rank
             "controller": self.controller.state_dict() if self.controller else None,
             "rng": rng_state(self.device),
         }
         extra = [self.tokenizer_file] if self.tokenizer_file else []
         save_checkpoint(
-            self.out, self.state.step, self.model, state, self.config.keep_last, extra, model_state=full,
-            rank=self.dist.rank if sharded else 0, barrier=lambda: distributed.barrier(self.dist) if sharded else None,
+            self.out, self.state.step, self.model, state, self.config.keep_last, extra, model_state=full, rank=self.dist.rank,
+            barrier=lambda: distributed.barrier(self.dist),
+            write_shards=lambda tmp: optimizer_state.save_optimizer(self.model, self.optimizer, tmp / optimizer_state.FOLDER),
         )  # fmt: skip
 
     def export(self) -> Path:
         """The final model as a plain model directory (``<out>/model``), ready for generate/serve."""
         final = self.out / "model"
-        full = distributed.full_state_dict(self.model) if self.dist.tp > 1 else None
+        full = distributed.full_state_dict(self.model) if self.dist.sharded else None
         if self.dist.is_main:
             tmp = self.out / ".model.tmp"
             self.model.save_pretrained(tmp, state=full)

@@ -14,21 +14,24 @@ from typing import TYPE_CHECKING
 import torch
 
 from r1kit.quant import cpu_int4
+from r1kit.quant.cpu_matmul import CpuMatmul, PackedWeight
 from r1kit.quant.int4 import cpu_layout
 
 if TYPE_CHECKING:
-    from r1kit.quant.int4_linear import Int4Linear
+    from r1kit.quant.int4_linear import QuantLinear
 
 NAME = "r1kit-kernel"
+BITS = 4
 
 
 @dataclass(frozen=True)
 class CpuKernelState:
-    """The weights in the kernel's layout, the bias to add, and the loaded kernel."""
+    """The weights in a kernel's layout, the bias to add, and the loaded kernel (int4's, or int8's:
+    :mod:`r1kit.quant.int4.int8_kernel` keeps its state in this record too)."""
 
-    packed: cpu_int4.PackedInt4
+    packed: PackedWeight
     bias: torch.Tensor | None
-    kernel: cpu_int4.Int4CpuKernel
+    kernel: CpuMatmul
 
 
 def fits(in_features: int, out_features: int, group: int) -> str | None:
@@ -40,11 +43,11 @@ def fits(in_features: int, out_features: int, group: int) -> str | None:
     return None
 
 
-def available(layer: Int4Linear, device: torch.device, dtype: torch.dtype) -> str | None:
-    return cpu_layout.reason(layer, device, fits)
+def available(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
+    return cpu_layout.reason(layer, device, fits, BITS)
 
 
-def prepare(layer: Int4Linear) -> CpuKernelState:
+def prepare(layer: QuantLinear) -> CpuKernelState:
     return pack(*cpu_layout.kernel_inputs(layer), bias=layer.bias)
 
 
@@ -55,6 +58,6 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: 
 
 
 def matmul(x: torch.Tensor, state: CpuKernelState) -> torch.Tensor:
-    if x.dtype in cpu_int4.FUNCTIONS:
+    if x.dtype in (torch.float32, torch.bfloat16):  # what both kernels take
         return state.kernel(x, state.packed, state.bias)
     return state.kernel(x.float(), state.packed, state.bias).to(x.dtype)

@@ -1,5 +1,5 @@
-"""The GPTQ tensors as both CPU int4 kernels take them: codes [in, out] with the inputs in group order,
-and one scale and zero point per *kernel group* of inputs.
+"""The GPTQ tensors as the CPU kernels (both int4 ones and the int8 one) take them: codes [in, out]
+with the inputs in group order, and one scale and zero point per *kernel group* of inputs.
 
 A kernel group is the largest of :data:`KERNEL_GROUPS` that divides every GPTQ group, so each GPTQ
 group is whole kernel groups sharing its scale: 512 is two of 256, and a group size that does not
@@ -20,7 +20,7 @@ import torch
 from r1kit.quant import packing
 
 if TYPE_CHECKING:
-    from r1kit.quant.int4_linear import Int4Linear
+    from r1kit.quant.int4_linear import QuantLinear
 
 KERNEL_GROUPS = (256, 128, 64, 32)
 NOT_CPU = "the CPU int4 kernels run on the CPU"
@@ -36,8 +36,8 @@ class Layout:
 
 
 class KernelInputs(NamedTuple):
-    """What both CPU kernels pack: codes [in, out] (0..15, rows in ``order``), scales and zero points
-    [in/group, out] in float (``w = scale · (code − zero)``), the input order or None, the kernel group."""
+    """What the CPU kernels pack: codes [in, out] (0..2^bits − 1, rows in ``order``), scales and zero
+    points [in/group, out] in float (``w = scale · (code − zero)``), the input order or None, the kernel group."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -53,7 +53,7 @@ def kernel_group(in_features: int, group_size: int) -> int | None:
     return next((g for g in KERNEL_GROUPS if whole % g == 0), None)
 
 
-def layout(layer: Int4Linear, device: torch.device) -> Layout | str:
+def layout(layer: QuantLinear, device: torch.device) -> Layout | str:
     """The layer's :class:`Layout` for a product on ``device``, or why the CPU kernels cannot read it
     (worked out once per version of its tensors: it reads ``g_idx``)."""
     if device.type != "cpu":
@@ -61,13 +61,15 @@ def layout(layer: Int4Linear, device: torch.device) -> Layout | str:
     return layer.prepared(_layout)
 
 
-def reason(layer: Int4Linear, device: torch.device, fits: Callable[[int, int, int], str | None]) -> str | None:
-    """Why a CPU kernel whose shape rule is ``fits`` cannot run ``layer`` on ``device``, or None."""
+def reason(layer: QuantLinear, device: torch.device, fits: Callable[[int, int, int], str | None], bits: int) -> str | None:
+    """Why a CPU kernel of ``bits``-bit codes whose shape rule is ``fits`` cannot run ``layer`` on ``device``, or None."""
+    if layer.bits != bits:
+        return f"it runs {bits}-bit weights, this layer holds {layer.bits}-bit ones"
     found = layout(layer, device)
     return found if isinstance(found, str) else fits(layer.in_features, layer.out_features, found.group)
 
 
-def _layout(layer: Int4Linear) -> Layout | str:
+def _layout(layer: QuantLinear) -> Layout | str:
     if layer.out_features % 16:
         return f"out_features={layer.out_features} is not a multiple of 16"
     group = kernel_group(layer.in_features, layer.group_size)
@@ -82,7 +84,7 @@ def _layout(layer: Int4Linear) -> Layout | str:
     return Layout(group, torch.argsort(g, stable=True))
 
 
-def kernel_inputs(layer: Int4Linear) -> KernelInputs:
+def kernel_inputs(layer: QuantLinear) -> KernelInputs:
     """The layer's tensors in its :class:`Layout` (unpacked: the caller packs them and drops these)."""
     found = layout(layer, layer.qweight.device)
     if isinstance(found, str):

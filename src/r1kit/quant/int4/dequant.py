@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from r1kit.quant import packing
 
 if TYPE_CHECKING:
-    from r1kit.quant.int4_linear import Int4Linear
+    from r1kit.quant.int4_linear import QuantLinear
 
 NAME = "dequant"
 
@@ -33,11 +33,11 @@ class DequantState:
     bias: torch.Tensor | None
 
 
-def available(layer: Int4Linear, device: torch.device, dtype: torch.dtype) -> str | None:
+def available(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def prepare(layer: Int4Linear) -> DequantState:
+def prepare(layer: QuantLinear) -> DequantState:
     return DequantState(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits, layer.zero_offset, layer.bias)
 
 

@@ -18,9 +18,10 @@ import torch
 from r1kit.quant.int4 import cpu_layout
 
 if TYPE_CHECKING:
-    from r1kit.quant.int4_linear import Int4Linear
+    from r1kit.quant.int4_linear import QuantLinear
 
 NAME = "torch-kernel"
+BITS = 4
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,11 @@ def fits(in_features: int, out_features: int, group: int) -> str | None:
     return None if installed() else "this torch has no _weight_int4pack_mm_for_cpu (torch < 2.6)"
 
 
-def available(layer: Int4Linear, device: torch.device, dtype: torch.dtype) -> str | None:
-    return cpu_layout.reason(layer, device, fits)
+def available(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
+    return cpu_layout.reason(layer, device, fits, BITS)
 
 
-def prepare(layer: Int4Linear) -> TorchKernelState:
+def prepare(layer: QuantLinear) -> TorchKernelState:
     return pack(*cpu_layout.kernel_inputs(layer), bias=layer.bias)
 
 

@@ -21,7 +21,7 @@ import torch
 from r1kit.quant import packing
 
 if TYPE_CHECKING:
-    from r1kit.quant.int4_linear import Int4Linear
+    from r1kit.quant.int4_linear import QuantLinear
 
 NAME = "triton"
 
@@ -52,7 +52,9 @@ def kernels() -> ModuleType:
     return importlib.import_module("r1kit.quant.triton_int4")
 
 
-def available(layer: Int4Linear, device: torch.device, dtype: torch.dtype) -> str | None:
+def available(layer: QuantLinear, device: torch.device, dtype: torch.dtype) -> str | None:
+    if layer.bits != 4:
+        return f"the Triton kernels run 4-bit weights, this layer holds {layer.bits}-bit ones"
     if device.type != "cuda":
         return "the Triton int4 kernels run on CUDA (elsewhere only under Triton's interpreter, asked for by name)"
     if not installed():
@@ -62,7 +64,7 @@ def available(layer: Int4Linear, device: torch.device, dtype: torch.dtype) -> st
     return None
 
 
-def prepare(layer: Int4Linear) -> TritonState:
+def prepare(layer: QuantLinear) -> TritonState:
     contiguous = packing.groups_contiguous(layer.g_idx, layer.in_features, layer.group_size)
     group_k = packing.group_span(layer.in_features, layer.group_size) if contiguous else 0
     return TritonState(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.zero_offset, group_k, layer.bias,
