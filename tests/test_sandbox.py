@@ -130,6 +130,16 @@ def test_pytest_outcomes_and_coverage():
     assert not os.path.exists(".r1kit_coverage")
 
 
+def test_a_module_named_like_one_pytest_already_imported_is_the_file_under_test():
+    """fnmatch is imported by pytest itself before any test: the tests must still run, and coverage
+    measure, the fnmatch.py given (a standard-library module under testgen is this case)."""
+    module = "def under_test():\n    return 'the copy'\n"
+    result = run_pytest("import fnmatch\n\ndef test_copy():\n    assert fnmatch.under_test() == 'the copy'\n",
+                        files={"fnmatch.py": module}, coverage_of=["fnmatch.py"])
+    assert result.passed == ["test_main.py::test_copy"]
+    assert result.coverage == {"fnmatch.py": 100.0}
+
+
 def test_pytest_on_code_that_does_not_parse_reports_no_outcomes():
     result = run_pytest("def test_x(:\n    pass\n")
     assert result.passed == [] and not result.run.ok

@@ -120,6 +120,23 @@ def run_python(
     return _execute({**(files or {}), "main.py": code}, ["main.py", *args], stdin, limits, keep_files)[0]
 
 
+# A module under test may share its name with one the interpreter or pytest imported before the tests
+# (a standard-library name such as fnmatch): the tests must run, and coverage measure, the file given.
+_SHADOW_CONFTEST = """import importlib.util
+import sys
+from pathlib import Path
+
+for _name in {modules!r}:
+    _path = Path(__file__).with_name(_name + ".py")
+    _loaded = sys.modules.get(_name)
+    if _loaded is not None and Path(getattr(_loaded, "__file__", None) or "").resolve() != _path.resolve():
+        _spec = importlib.util.spec_from_file_location(_name, _path)
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[_name] = _module
+        _spec.loader.exec_module(_module)
+"""
+
+
 def run_pytest(
     test_code: str,
     *,
@@ -135,10 +152,14 @@ def run_pytest(
         if missing:
             raise ConfigError(f"coverage_of names {missing}, which are not among the files given", param="coverage_of")
     pytest_argv = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={_JUNIT}", test_name]
+    files = dict(files or {})
+    modules = [name[:-3] for name in files if name.endswith(".py") and "/" not in name and not name.startswith(("test_", "conftest"))]
+    if modules and "conftest.py" not in files:
+        files["conftest.py"] = _SHADOW_CONFTEST.format(modules=modules)
     if coverage_of:
         # coverage runs pytest in the same process, so the guard and the limits cover both
         pytest_argv = ["-m", "coverage", "run", "--data-file=.r1kit_coverage", "--include=" + ",".join(coverage_of), *pytest_argv]
-    run, found = _execute({**(files or {}), test_name: test_code}, pytest_argv, None, limits, False,
+    run, found = _execute({**files, test_name: test_code}, pytest_argv, None, limits, False,
                           fetch=[_JUNIT], report_coverage=bool(coverage_of))
     coverage = _read_coverage(found.get(_COVERAGE), coverage_of)
     return PytestResult(outcomes=_read_junit(found.get(_JUNIT)), coverage=coverage, run=run)
