@@ -7,12 +7,12 @@ with ``<think>\\n`` so the model starts by reasoning. Templates render in Jinja'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from r1kit.config import read_json
 from r1kit.errors import CheckpointError, R1kitError
 
 DEFAULT_TEMPLATE = (
@@ -44,10 +44,7 @@ class ChatTemplate:
         bos, eos, source = "<|bos|>", "<|eos|>", DEFAULT_TEMPLATE
         config = model_dir / "tokenizer_config.json"
         if config.is_file():
-            try:
-                raw = json.loads(config.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{config} is not valid JSON ({exc})") from None
+            raw = read_json(config, CheckpointError)
             bos, eos = _token_text(raw.get("bos_token"), bos), _token_text(raw.get("eos_token"), eos)
             template = raw.get("chat_template")
             if isinstance(template, list):  # named templates: take the default one

@@ -19,7 +19,7 @@ from typing import Any, Mapping, TypeVar
 
 import yaml
 
-from r1kit.errors import ConfigError
+from r1kit.errors import ConfigError, R1kitError
 
 
 ATTENTION_KINDS = ("global", "local", "hybrid")
@@ -247,6 +247,19 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of field: value, got {type(raw).__name__}")
+    return raw
+
+
+def read_json(path: str | Path, error: type[R1kitError] = ConfigError, hint: str = "", mapping: bool = False) -> Any:
+    """The JSON value in ``path``; an ``error`` that names the file (followed by ``hint``, how to fix it)
+    when it is not valid JSON, or, with ``mapping``, not a JSON object."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc}){hint}") from None
+    if mapping and not isinstance(raw, dict):
+        raise error(f"{path} must hold a JSON object, not {type(raw).__name__}{hint}")
     return raw
 
 

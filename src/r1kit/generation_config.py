@@ -13,12 +13,12 @@ there), not a sampling preference. Every other field (``bos_token_id``, ``num_be
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from r1kit.config import read_json
 from r1kit.errors import CheckpointError, ConfigError
 from r1kit.infer.sampling import RANGES
 
@@ -88,12 +88,7 @@ class GenerationConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> GenerationConfig:
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc}); fix the file or pass --generation-config none") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}")
+        raw = read_json(path, CheckpointError, "; fix the file or pass --generation-config none", mapping=True)
         config = cls.from_dict(raw, str(path))
         if config.do_sample is False and config.sampling_defaults().keys() & {"temperature", "top_k", "top_p", "min_p"}:
             log.warning("%s says do_sample=false: r1kit, like vLLM, still samples with its temperature/top_k/top_p/min_p; "

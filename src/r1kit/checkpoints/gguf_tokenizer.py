@@ -24,7 +24,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from r1kit.config import write_text_atomic
+from r1kit.config import read_json, write_text_atomic
 from r1kit.errors import CheckpointError
 
 # gguf.TokenType values, spelled out so that reading a tokenizer needs no gguf import
@@ -368,10 +368,7 @@ def _read_json(path: Path, required: bool = False) -> dict[str, Any]:
         if required:
             raise CheckpointError(f"{path} is missing; a GGUF needs the model's tokenizer (save it with the model)")
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    return read_json(path, CheckpointError)
 
 
 def _check_bpe(model: dict[str, Any], where: Path) -> None:

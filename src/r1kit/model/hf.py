@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from r1kit.config import ModelConfig, RopeScaling, dump_json
+from r1kit.config import ModelConfig, RopeScaling, dump_json, read_json
 from r1kit.device import DTYPES, resolve_device
 from r1kit.errors import CheckpointError, ConfigError
 
@@ -152,11 +152,7 @@ def load_config(path: str | Path) -> ModelConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a model directory holds config.json and model.safetensors")
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file} is not valid JSON ({exc})") from None
-    return config_from_hf(raw, where=str(file))
+    return config_from_hf(read_json(file, CheckpointError), where=str(file))
 
 
 # -- weights -----------------------------------------------------------------------------------------

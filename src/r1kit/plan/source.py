@@ -10,10 +10,9 @@ plan for it counts its packed weights. This module only reads configs.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from r1kit.config import ModelConfig
+from r1kit.config import ModelConfig, read_json
 from r1kit.errors import CheckpointError, ConfigError
 from r1kit.quant.config import QuantConfig
 
@@ -50,12 +49,7 @@ def read_model(model: str | Path) -> ModelSource:
 def _from_json(path: Path) -> ModelSource:
     from r1kit.model.hf import config_from_hf
 
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object of config fields")
+    raw = read_json(path, ConfigError, mapping=True)
     if "model_type" not in raw:  # r1kit's own field names
         return ModelSource(ModelConfig.from_dict(raw, where=str(path)), None, str(path))
     quant = raw.get("quantization_config")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from r1kit.config import dump_json
+from r1kit.config import dump_json, read_json
 from r1kit.errors import CheckpointError
 from r1kit.quant.config import QuantConfig
 from r1kit.quant.int4_linear import QuantLinear
@@ -75,10 +75,7 @@ def quantization_section(path: Path) -> tuple[dict[str, Any] | None, str]:
         return raw["quantization_config"], f"{file} quantization_config"
     qfile = path / QUANT_FILE
     if qfile.is_file():
-        try:
-            return json.loads(qfile.read_text(encoding="utf-8")), str(qfile)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{qfile} is not valid JSON ({exc})") from None
+        return read_json(qfile, CheckpointError), str(qfile)
     return None, str(file)
 
 
