@@ -68,12 +68,9 @@ def attend_range(
 
 
 @triton.jit
-def paged_decode(
-    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, contexts_ptr, lowest_ptr,
-    table_width, block_size, scale,
-    stride_ks, stride_kh,  # the pools are [slots, Hkv, D]: slot and head strides (D is contiguous)
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
-):
+def query_tile(q_ptr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr):
+    """This program's sequence ``s`` and K/V head ``h``, and the GROUP query heads that share it: their
+    rows of q/out ([S, Hq, D] with Hq = Hkv · GROUP), the masks of the padded tile, q in float32."""
     s = tl.program_id(0)
     h = tl.program_id(1)
     heads = tl.num_programs(1) * GROUP
@@ -81,8 +78,19 @@ def paged_decode(
     d = tl.arange(0, DIM_PAD)
     g_mask = g < GROUP
     d_mask = d < DIM
-    q_rows = s * heads + h * GROUP + g  # q and out are [S, Hq, D] with Hq = Hkv · GROUP
+    q_rows = s * heads + h * GROUP + g
     q = tl.load(q_ptr + q_rows[:, None] * DIM + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    return s, h, q, q_rows, g_mask, d, d_mask
+
+
+@triton.jit
+def paged_decode(
+    q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, contexts_ptr, lowest_ptr,
+    table_width, block_size, scale,
+    stride_ks, stride_kh,  # the pools are [slots, Hkv, D]: slot and head strides (D is contiguous)
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    s, h, q, q_rows, g_mask, d, d_mask = query_tile(q_ptr, GROUP, GROUP_PAD, DIM, DIM_PAD)
     out = attend_range(q, k_ptr, v_ptr, tables_ptr, s, h, table_width, block_size, tl.load(lowest_ptr + s), tl.load(contexts_ptr + s),
                        scale, stride_ks, stride_kh, d, d_mask, GROUP_PAD, DIM_PAD, BLOCK)
     tl.store(out_ptr + q_rows[:, None] * DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -95,15 +103,7 @@ def paged_decode_hybrid(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # the local branch, then (unless the hard gate skips the sequence) the global one, mixed per query head
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    heads = tl.num_programs(1) * GROUP
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, DIM_PAD)
-    g_mask = g < GROUP
-    d_mask = d < DIM
-    q_rows = s * heads + h * GROUP + g
-    q = tl.load(q_ptr + q_rows[:, None] * DIM + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    s, h, q, q_rows, g_mask, d, d_mask = query_tile(q_ptr, GROUP, GROUP_PAD, DIM, DIM_PAD)
     out = attend_range(q, k_ptr, v_ptr, tables_ptr, s, h, table_width, block_size, tl.load(lowest_ptr + s), tl.load(contexts_ptr + s),
                        scale, stride_ks, stride_kh, d, d_mask, GROUP_PAD, DIM_PAD, BLOCK)
     if tl.load(skip_ptr + s) == 0:
