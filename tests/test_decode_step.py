@@ -4,7 +4,11 @@ A sequence decoding alone on the CPU runs the whole model in one C call. Its log
 with the eager model run over the whole sequence without any cache (an independent reference: no
 paged pool, no packed layer, no kernel of the engine's), and the engine's greedy tokens with the
 reference decoding loop, for global, local and mixed layers (the window group's own block table),
-q/k/v biases, grouped heads, float32 and bfloat16, packed and plain weights."""
+q/k/v biases, grouped heads, float32 and bfloat16, packed and plain weights. GPTQ 4- and 8-bit models
+(act-order or not, a quantized head or not) are compared with the same model whose layers dequantize
+their codes to float (PyTorch's matmul: no kernel of r1kit's), to within the activations' rounding."""
+
+import copy
 
 import pytest
 import torch
@@ -13,13 +17,15 @@ from r1kit import LLM, SamplingParams
 from r1kit.infer.decode_step import DecodeStep, load_library
 from r1kit.infer.generate import generate
 from r1kit.model import R1kitForCausalLM
+from r1kit.quant import QuantConfig, QuantLinear, quantize_model, to_quantized
+from r1kit.quant.cpu_int4 import load as load_int4
 
 pytestmark = pytest.mark.skipif(load_library() is None, reason="no C compiler: the engine decodes module by module")
 
 
 def model_of(tiny_config, dtype=torch.float32, **overrides):
-    config = tiny_config(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96, qkv_bias=True, tie_embeddings=False,
-                         **overrides)
+    config = tiny_config(**{**dict(hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=96, qkv_bias=True, tie_embeddings=False),
+                            **overrides})
     return R1kitForCausalLM(config).eval().to(dtype)
 
 
@@ -91,3 +97,70 @@ def test_update_weights_rebuilds_the_step(tiny_config):
     [prompt] = prompts_of([5])
     llm.llm_engine.update_weights(other)
     assert llm.generate([prompt], params)[0].outputs[0].token_ids == generate(other, prompt, params)
+
+
+def quantized_model_of(tiny_config, bits, desc_act=False, lm_head=False, dtype=torch.float32):
+    """A tiny model with GPTQ codes of ``bits`` (widths the kernels' 32-column tiles take) and random
+    calibration, so act-order has an order to apply."""
+    model = model_of(tiny_config, intermediate_size=128, vocab_size=64, attention=("local", "global"))
+    config = QuantConfig(bits=bits, group_size=32, desc_act=desc_act, lm_head=lm_head)
+    calib = torch.randint(0, 64, (4, 24), generator=torch.Generator().manual_seed(3))
+    return to_quantized(model, quantize_model(model, config, calib, batch_size=4), config).to(dtype)
+
+
+def dequantized_copy(model):
+    """``model`` with every GPTQ layer on the dequantize reference: float weights through PyTorch."""
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        if isinstance(module, QuantLinear):
+            module.backend = "dequant"
+    return ref
+
+
+@pytest.mark.parametrize("bits,desc_act,lm_head", [(4, False, False), (4, True, True), (8, False, True), (8, True, False)])
+def test_quantized_step_logits_match_the_dequantized_model(tiny_config, bits, desc_act, lm_head):
+    if bits == 4 and load_int4() is None:
+        pytest.skip("no AVX512-BF16 here: int4 layers run torch's kernel, which the step does not call")
+    model = quantized_model_of(tiny_config, bits, desc_act, lm_head)
+    reference = dequantized_copy(model)
+    llm = LLM(model, block_size=4, num_kv_blocks=32)
+    runner = llm.llm_engine.runner
+    assert runner.step is not None, "the step must take GPTQ layers on r1kit's CPU kernels"
+    [prompt] = prompts_of([9])
+    with torch.inference_mode():
+        for tokens, logits in step_logits(llm, prompt, 8):
+            want = reference(torch.tensor([tokens]))[0, -1]
+            # the kernels round activations (int4: to bfloat16; int8: to int8 blocks of 32)
+            tolerance = (0.02 if bits == 4 else 0.05) * float(want.abs().max())
+            torch.testing.assert_close(logits[0], want, rtol=0, atol=tolerance)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_step_greedy_equals_the_module_path(tiny_config, bits):
+    """The step calls the very tiles the layers' kernels run, so it decodes exactly what the engine
+    decodes module by module (the paged attention kernel kept, only the step swapped out)."""
+    if bits == 4 and load_int4() is None:
+        pytest.skip("no AVX512-BF16 here: int4 layers run torch's kernel, which the step does not call")
+    params = SamplingParams(temperature=0, max_tokens=12)
+    prompts = prompts_of([3, 11, 17])
+    model, outputs = quantized_model_of(tiny_config, bits, lm_head=True), []
+    for use_step in (True, False):
+        llm = LLM(copy.deepcopy(model), block_size=4, num_kv_blocks=64)
+        if not use_step:
+            llm.llm_engine.runner.step = None
+        assert (llm.llm_engine.runner.step is not None) == use_step
+        outputs.append([llm.generate([p], params)[0].outputs[0].token_ids for p in prompts])
+    assert outputs[0] == outputs[1]
+
+
+def test_bfloat16_quantized_step_is_close_to_the_dequantized_model(tiny_config):
+    model = quantized_model_of(tiny_config, 8, dtype=torch.bfloat16)
+    reference = dequantized_copy(model)
+    llm = LLM(model, block_size=4, num_kv_blocks=32)
+    assert llm.llm_engine.runner.step is not None
+    [prompt] = prompts_of([6])
+    with torch.inference_mode():
+        for tokens, logits in step_logits(llm, prompt, 5):
+            want = reference(torch.tensor([tokens]))[0, -1].float()
+            assert logits.dtype == torch.bfloat16
+            torch.testing.assert_close(logits[0].float(), want, rtol=0, atol=0.08 * float(want.abs().max()))

@@ -8,12 +8,14 @@ gate/up product with SiLU, down product, residual adds; then the final norm and 
 in one call and one OpenMP region, streaming each weight once at the machine's read rate.
 
 It covers the dense models the engine packs: RMSNorm, SwiGLU, global and local attention (no hybrid
-or Top-K layer), float32 or bfloat16 weights on the CPU, float (not int4) linears, widths that are
-multiples of 16. It holds its own copy of the weights in its layout (:func:`interleave`: blocks of
-four rows read as one stream, which measured faster than four row streams), so with the step the
-engine holds its weights twice (``EngineConfig.decode_kernel=False`` trades the step, and the paged
-attention kernel, for that memory).
-Results match the module path to within float rounding (the sums run in another order): greedy
+or Top-K layer), float32 or bfloat16 activations on the CPU, widths that are multiples of 16. Each
+product (q/k/v, output, gate/up, down, the head) is float or GPTQ 4-/8-bit, whatever mix the model
+holds: a quantized product runs the very tiles of r1kit's int4 or int8 CPU kernel over the kernel's own
+packed weights (no copy), so its results are the module path's to the bit. Float products run over the
+step's own copy of the weights in its layout (:func:`interleave`: blocks of four rows read as one
+stream, which measured faster than four row streams), so a float model is held twice
+(``EngineConfig.decode_kernel=False`` trades the step, and the paged attention kernel, for that memory).
+Float results match the module path to within float rounding (the sums run in another order): greedy
 tokens equal the reference's, which ``tests/test_decode_step.py`` checks against the eager model.
 
 It never decides when it runs: :class:`~r1kit.infer.model_runner.ModelRunner` calls it for steps
@@ -36,11 +38,16 @@ from r1kit.infer.weight_packing import PackedLinear
 from r1kit.model.attention import Attention, window_start
 from r1kit.model.ffn import DenseFFN, TopKFFN
 from r1kit.model.transformer import RMSNorm
+from r1kit.quant.cpu_int4 import Int4CpuKernel
+from r1kit.quant.cpu_int8 import Int8CpuKernel
+from r1kit.quant.int4.cpu_kernel import CpuKernelState
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 FUNCTIONS = {torch.float32: "decode_step_f32", torch.bfloat16: "decode_step_bf16"}
 STATUS = {1: "bad head grouping or odd head dim", 2: "out of memory"}
 ROWS, CHUNK = 4, 16  # the kernel's weight layout: blocks of ROWS rows, side by side in runs of CHUNK input features
+FLOAT, INT4, INT8 = 0, 4, 8  # a product's kind: the C file's enum
+QUANT_TILE = 32  # output columns per tile of the int4/int8 kernels
 
 
 def interleave(weight: torch.Tensor) -> torch.Tensor:
@@ -54,14 +61,14 @@ def interleave(weight: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def load_library() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
-    """The step functions by dtype, built once per process (and once per machine, cached on disk);
-    None where they cannot be built."""
+def load_library() -> dict | None:
+    """The step functions by dtype (and under ``"int4"`` whether they run int4 products), built once
+    per process (and once per machine, cached on disk); None where they cannot be built."""
     lib = native.load(SOURCE, "decode steps run module by module")
     if lib is None:
         return None
     pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    fns = {}
+    fns: dict = {"int4": bool(lib.decode_step_int4())}
     for dtype, name in FUNCTIONS.items():
         fn = getattr(lib, name)
         fn.argtypes = ([pointer, pointer, i64, i64, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64,
@@ -72,34 +79,89 @@ def load_library() -> dict[torch.dtype, ctypes._CFuncPtr] | None:
 
 
 def plain_weight(linear: nn.Module) -> torch.Tensor | None:
-    """A float linear layer's [out, in] weight, plain and row-major (a packed one unpacked); None for
-    any other kind of layer (int4, tensor-parallel shards)."""
-    if type(linear) is nn.Linear and type(linear.weight) is nn.Parameter:
+    """A float linear layer's [out, in] weight, plain and row-major (a packed one unpacked; an embedding
+    table, for a tied head); None for any other kind of layer (GPTQ, tensor-parallel shards)."""
+    if type(linear) in (nn.Linear, nn.Embedding) and type(linear.weight) is nn.Parameter:
         return linear.weight.detach().contiguous()
     if isinstance(linear, PackedLinear):
         return (linear.plain if linear.plain is not None else linear.packed.to_dense()).contiguous()
     return None
 
 
-def _bias(linear: nn.Module) -> torch.Tensor | None:
-    bias = linear.bias
-    return None if bias is None else bias.detach().contiguous()
+class Product:
+    """One product as the C step reads it: ``fields`` (kind, weight, scales and zeros, input order,
+    group, float32 bias: pointers as integers, 0 for none) over the tensors in ``keep``, for an
+    ``out_features`` x ``in_features`` weight."""
+
+    def __init__(self, kind: int, tensors: list[torch.Tensor | None], group: int, in_features: int, out_features: int) -> None:
+        self.keep = [t for t in tensors if t is not None]
+        weight, scale_zero, order, bias = tensors
+        self.fields = [kind] + [0 if t is None else t.data_ptr() for t in (weight, scale_zero, order)] + [group, 0 if bias is None else bias.data_ptr()]
+        self.in_features, self.out_features = in_features, out_features
 
 
-def _fused(module: nn.Module, fused: str, parts: tuple[str, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(weight, bias) of ``module``'s fused product ``fused`` where it has one, else its ``parts`` stacked."""
-    product = getattr(module, fused, None)
-    if product is not None:
-        weight = plain_weight(product)
-        return (None, None) if weight is None else (weight, _bias(product))
-    linears = [getattr(module, part) for part in parts]
+def _float_bias(linears: list[nn.Module]) -> torch.Tensor | None | bool:
+    """The linears' biases concatenated as float32, None where none has one, False where only some do."""
+    biases = [getattr(lin, "bias", None) for lin in linears]
+    if all(b is None for b in biases):
+        return None
+    if any(b is None for b in biases):
+        return False
+    return torch.cat([b.detach().float().reshape(-1) for b in biases]).contiguous()
+
+
+def _kernel_state(linear: nn.Module) -> CpuKernelState | None:
+    """The r1kit CPU kernel state (int4 or int8 codes in the kernel's layout) a GPTQ layer runs on, or None."""
+    from r1kit.quant.int4 import choose
+    from r1kit.quant.int4_linear import FusedInt4Linear, QuantLinear
+
+    if isinstance(linear, FusedInt4Linear):
+        state = linear.state
+    elif type(linear) is QuantLinear and linear.backend in ("auto", "kernel") and linear.qweight.device.type == "cpu":
+        backend = choose.cpu_kernel_for(linear, linear.qweight.device)
+        state = None if backend is None else linear.prepared(backend.prepare)
+    else:
+        return None
+    return state if isinstance(state, CpuKernelState) else None
+
+
+def _quant_product(linears: list[nn.Module], int4: bool) -> Product | None:
+    """The linears (over one input) as one quantized product: their kernel states' tiles one after
+    another (the layout is tile-major), or None where they are not all on one kernel with one grouping."""
+    states = [_kernel_state(lin) for lin in linears]
+    if any(st is None for st in states):
+        return None
+    kinds = {INT4 if isinstance(st.kernel, Int4CpuKernel) else INT8 if isinstance(st.kernel, Int8CpuKernel) else None for st in states}
+    first = states[0].packed
+    same = all(st.packed.group == first.group and st.packed.in_features == first.in_features
+               and (st.packed.order is None) == (first.order is None)
+               and (first.order is None or torch.equal(st.packed.order, first.order)) for st in states)
+    if len(kinds) != 1 or None in kinds or not same or (INT4 in kinds and not int4):
+        return None
+    bias = _float_bias(states)
+    if bias is False:
+        return None
+    weight = states[0].packed.weight if len(states) == 1 else torch.cat([st.packed.weight for st in states])
+    scale_zero = states[0].packed.scale_zero if len(states) == 1 else torch.cat([st.packed.scale_zero for st in states])
+    return Product(kinds.pop(), [weight, scale_zero, first.order, bias], first.group, first.in_features,
+                   sum(st.packed.out_features for st in states))
+
+
+def _product(module: nn.Module, fused: str | None, parts: tuple[str, ...], dtype: torch.dtype, int4: bool) -> Product | None:
+    """``module``'s product ``fused`` where it has one, else its ``parts`` stacked by output, as a float
+    or a quantized :class:`Product`; None where the step cannot run it."""
+    product = getattr(module, fused, None) if fused else None
+    linears = [product] if product is not None else [getattr(module, part) for part in parts]
+    if any(lin is None for lin in linears):
+        return None
     weights = [plain_weight(lin) for lin in linears]
     if any(w is None for w in weights):
-        return None, None
-    biases = [_bias(lin) for lin in linears]
-    if any(b is None for b in biases) and not all(b is None for b in biases):
-        return None, None
-    return torch.cat(weights), None if biases[0] is None else torch.cat(biases)
+        return _quant_product(linears, int4)
+    bias = _float_bias(linears)
+    weight = torch.cat(weights) if len(weights) > 1 else weights[0]
+    if bias is False or weight.dtype != dtype or weight.shape[1] % CHUNK:
+        return None
+    return Product(FLOAT, [interleave(weight), None, None, bias], 0, weight.shape[1], weight.shape[0])
 
 
 def _unsupported(model, pool: KVPool) -> str | None:
@@ -127,13 +189,13 @@ class DecodeStep:
     dtype and writes the new token's K/V into the pool. Built by :meth:`build`."""
 
     def __init__(self, fn, model, pool: KVPool, layers: torch.Tensor, kinds: torch.Tensor, keep: list[torch.Tensor],
-                 head: torch.Tensor) -> None:
+                 head: Product) -> None:
         mc = model.config
         self._fn, self.pool, self.rotary, self.dtype = fn, pool, model.rotary, model.dtype
         self._layers, self._kinds, self._keep = layers, kinds, keep  # keep: the tensors the pointers point into
         self._embed = model.model.embed_tokens.weight.detach()
         self._final = model.model.norm.weight.detach().contiguous()
-        self._head = head
+        self._head, self._head_fields = head, torch.tensor(head.fields, dtype=torch.int64)
         self.vocab = mc.vocab_size
         self._dims = (mc.hidden_size, mc.num_heads, mc.num_kv_heads, mc.head_dim, mc.intermediate_size, pool.block_size)
         self._eps, self._scale = float(mc.norm_eps), mc.head_dim**-0.5
@@ -148,35 +210,36 @@ class DecodeStep:
         fns = load_library()
         if fns is None:
             return None
-        mc = model.config
+        mc, dtype, int4 = model.config, model.dtype, fns["int4"]
         d, f, heads = mc.hidden_size, mc.intermediate_size, mc.num_heads * mc.head_dim
-        shapes = ((heads + 2 * mc.num_kv_heads * mc.head_dim, d), (d, heads), (2 * f, d), (d, f))
         if any(n % CHUNK for n in (d, f, heads)):
             return None
+        # (in, out) of each product of a whole layer: a shard of one (tensor parallelism) is not a model the step can run
+        shapes = ((d, heads + 2 * mc.num_kv_heads * mc.head_dim), (heads, d), (d, 2 * f), (f, d))
         keep: list[torch.Tensor] = []
         rows = []
         for i, layer in enumerate(model.model.layers):
             attn, ffn = layer.self_attn, layer.mlp
-            qkv, qkv_bias = _fused(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"))
-            gate_up, _ = _fused(ffn, "gate_up_proj", ("gate_proj", "up_proj"))
-            o, down = plain_weight(attn.o_proj), plain_weight(ffn.down_proj)
-            if qkv is None or gate_up is None or o is None or down is None or _bias(attn.o_proj) is not None:
+            products = [_product(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), dtype, int4), _product(attn, None, ("o_proj",), dtype, int4),
+                        _product(ffn, "gate_up_proj", ("gate_proj", "up_proj"), dtype, int4), _product(ffn, None, ("down_proj",), dtype, int4)]
+            if any(pr is None or (pr.in_features, pr.out_features) != shape for pr, shape in zip(products, shapes)):
                 return None
-            # the whole layer's shapes: a shard of one (tensor parallelism) is not a model the step can run
-            if (qkv.shape, o.shape, gate_up.shape, down.shape) != shapes:
+            # the C step adds no bias after the output, gate/up and down products; a quantized product runs whole tiles
+            if any(pr.fields[5] for pr in products[1:]) or any(pr.fields[0] != FLOAT and pr.out_features % QUANT_TILE for pr in products):
                 return None
-            tensors = [layer.input_layernorm.weight.detach().contiguous(), interleave(qkv), qkv_bias, interleave(o),
-                       layer.post_attention_layernorm.weight.detach().contiguous(), interleave(gate_up[:f]), interleave(gate_up[f:]),
-                       interleave(down), pool.k[i], pool.v[i]]
-            if any(t is not None and t.dtype != model.dtype for t in tensors):
+            if products[2].fields[0] != FLOAT and f % QUANT_TILE:
                 return None
-            keep += [t for t in tensors if t is not None]
-            rows.append([0 if t is None else t.data_ptr() for t in tensors])
-        head = model.model.embed_tokens.weight.detach() if model.config.tie_embeddings else plain_weight(model.lm_head)
-        if head is None or head.shape != (mc.vocab_size, d) or head.dtype != model.dtype or getattr(model.lm_head, "bias", None) is not None:
+            norms = [layer.input_layernorm.weight.detach().contiguous(), layer.post_attention_layernorm.weight.detach().contiguous()]
+            if any(t.dtype != dtype for t in (*norms, pool.k[i], pool.v[i])):
+                return None
+            keep += norms + [t for pr in products for t in pr.keep]
+            rows.append([t.data_ptr() for t in (*norms, pool.k[i], pool.v[i])] + [x for pr in products for x in pr.fields])
+        head = _product(model.model, None, ("embed_tokens",), dtype, int4) if mc.tie_embeddings else _product(model, None, ("lm_head",), dtype, int4)
+        if head is None or (head.in_features, head.out_features) != (d, mc.vocab_size) or head.fields[5] \
+                or (head.fields[0] != FLOAT and mc.vocab_size % QUANT_TILE):
             return None
         kinds = torch.tensor([[pool.groups[i], int(layer.self_attn.kind == "local")] for i, layer in enumerate(model.model.layers)], dtype=torch.int64)
-        return cls(fns[model.dtype], model, pool, torch.tensor(rows, dtype=torch.int64), kinds, keep, interleave(head))
+        return cls(fns[dtype], model, pool, torch.tensor(rows, dtype=torch.int64), kinds, keep, head)
 
     def _rotation(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, D] of position ``pos``, as the model's rotary embedding gives them: rows of a
@@ -205,7 +268,7 @@ class DecodeStep:
         logits = torch.empty(1, self.vocab, dtype=self.dtype)
         status = self._fn(
             self._layers.data_ptr(), self._kinds.data_ptr(), self._kinds.shape[0], token, self._embed.data_ptr(), self._final.data_ptr(),
-            self._head.data_ptr(), self.vocab, cos.data_ptr(), sin.data_ptr(), table0.data_ptr(), slot0,
+            self._head_fields.data_ptr(), self.vocab, cos.data_ptr(), sin.data_ptr(), table0.data_ptr(), slot0,
             None if table1 is None else table1.data_ptr(), slot1, pos + 1, 0, window_start(pos, seq.window), logits.data_ptr(),
             *self._dims, self._eps, self._scale,
         )

@@ -12,24 +12,90 @@
  * Values are rounded to the model's element type where PyTorch's modules round them (bfloat16:
  * after each product, norm, activation and residual add), accumulations are in float.
  *
- * layers: per layer 10 pointers (input norm, q/k/v weight, q/k/v bias or 0, output weight, post norm,
- * gate weight, up weight, down weight, K pool, V pool) and 2 integers (its table group, 1 for a local
- * layer); per step: the token, cos/sin [D], each group's block table and new slot. Weights are laid
- * out in blocks of ROWS rows (decode_step.py's `interleave`); the embedding table is plain.
+ * A product (q/k/v, output, gate/up, down, the head) is PRODUCT_FIELDS integers: its kind (0: float
+ * weights of the model's type in blocks of ROWS rows, decode_step.py's `interleave`; 4 or 8: GPTQ codes
+ * in the layout of r1kit's int4 or int8 CPU kernel, whose tiles it calls, int4_tile.h and int8_tile.h),
+ * the weight, the scales and zeros, the input order or 0, the group size, a float32 bias or 0. A gate/up
+ * product holds the gate's rows then the up's. A quantized product's input row is prepared (rounded to
+ * bfloat16 pairs, or quantized to int8 blocks) by every thread for itself, as the norms are.
+ * layers: per layer 4 pointers (input norm, post norm, K pool, V pool) and 4 products (q/k/v, output,
+ * gate/up, down); kinds: per layer 2 integers (its table group, 1 for a local layer); per step: the
+ * token, cos/sin [D], each group's block table and new slot. The embedding table is plain.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "int4_tile.h"
+#include "int8_tile.h"
 #include "paged_attention.h"
 
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
 
-#define PTRS_PER_LAYER 10
+#define PRODUCT_FIELDS 6
+#define LAYER_FIELDS (4 + 4 * PRODUCT_FIELDS)
 #define ROWS 4
+enum { FLOAT = 0, INT4 = 4, INT8 = 8 };
+
+/* one thread's buffers: its float input row and that row as a quantized product reads it */
+typedef struct {
+    float *xf, *gathered, *xsum, *xs, *xzero;
+    uint32_t *x2;
+    int8_t *xq;
+} Scratch;
+
+static int scratch_alloc(Scratch *s, int64_t widest) {
+    s->xf = (float *)malloc(sizeof(float) * widest);
+    s->gathered = (float *)malloc(sizeof(float) * widest);
+    s->xsum = (float *)malloc(sizeof(float) * widest);
+    s->xs = (float *)malloc(sizeof(float) * widest);
+    s->xzero = (float *)malloc(sizeof(float) * widest);
+    s->x2 = (uint32_t *)malloc(sizeof(uint32_t) * widest);
+    s->xq = (int8_t *)malloc((size_t)widest);
+    return s->xf && s->gathered && s->xsum && s->xs && s->xzero && s->x2 && s->xq;
+}
+
+static void scratch_free(Scratch *s) {
+    free(s->xf); free(s->gathered); free(s->xsum); free(s->xs); free(s->xzero); free(s->x2); free(s->xq);
+}
+
+/* the thread's input row x [in] as product p's kernel reads it (nothing to do for float weights) */
+static inline void prepare(const int64_t *p, const float *x, int64_t in, Scratch *s) {
+    const int64_t group = p[4];
+    const int64_t *order = (const int64_t *)p[3];
+    if (p[0] == INT4) {
+        int4_prepare_row(x, in, group, order, s->x2, s->xsum);
+    } else if (p[0] == INT8) {
+        const float *row = x;
+        if (order) {
+            for (int64_t i = 0; i < in; ++i) s->gathered[i] = x[order[i]];
+            row = s->gathered;
+        }
+        int8_quantize_row(row, in, group, s->xq, s->xs, s->xzero);
+    }
+}
+
+/* res [32] = tile t of product p (prepared input `s`, `in` features), before its bias */
+static inline void quant_tile(const int64_t *p, int64_t t, int64_t in, const Scratch *s, float *res) {
+    const uint8_t *w = (const uint8_t *)p[1];
+    const uint16_t *sz = (const uint16_t *)p[2];
+    const int64_t group = p[4], groups = in / group;
+    if (p[0] == INT8) {
+        int8_tile(w + t * in * INT8_TILE, sz + t * groups * 64, s->xq, s->xs, s->xzero, in, groups, group, 1, res);
+        return;
+    }
+#if R1KIT_HAVE_INT4
+    int4_tile(w + t * (in / 2) * 32, sz + t * groups * 64, s->x2, s->xsum, in / 2, groups, group / 2, 1, res);
+#else
+    for (int j = 0; j < 32; ++j) res[j] = NAN;  /* unreachable: decode_step.py builds no int4 product here */
+#endif
+}
+
+/* 1 where this library runs int4 products (the CPU has AVX512-BF16) */
+int decode_step_int4(void) { return R1KIT_HAVE_INT4; }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
@@ -94,7 +160,7 @@ static inline void NAME##_norm(const T *x, const T *w, float *y, int64_t d, floa
 }                                                                                                       \
 /* rows [0, rows) of w·x (+ bias), split over the team; rows a multiple of ROWS go four at a time.     \
  * mode 0: y = round(acc + bias); mode 1: y = round(y + round(acc)) (a residual add) */                 \
-static inline void NAME##_gemv(const T *w, const T *bias, const float *x, T *y, int64_t rows, int64_t in, int mode) { \
+static inline void NAME##_gemv(const T *w, const float *bias, const float *x, T *y, int64_t rows, int64_t in, int mode) { \
     const int64_t blocks = rows / ROWS;                                                                 \
     _Pragma("omp for schedule(static) nowait")                                                          \
     for (int64_t b = 0; b < blocks; ++b) {                                                              \
@@ -102,18 +168,50 @@ static inline void NAME##_gemv(const T *w, const T *bias, const float *x, T *y, 
         DOT4(w + b * ROWS * in, in, x, acc);                                                            \
         for (int r = 0; r < ROWS; ++r) {                                                                \
             const int64_t o = b * ROWS + r;                                                             \
-            y[o] = mode ? STORE(LOAD(y, o) + ROUND(acc[r])) : STORE(acc[r] + (bias ? LOAD(bias, o) : 0.0f)); \
+            y[o] = mode ? STORE(LOAD(y, o) + ROUND(acc[r])) : STORE(acc[r] + (bias ? bias[o] : 0.0f)); \
         }                                                                                               \
     }                                                                                                   \
     _Pragma("omp for schedule(static)")                                                                 \
     for (int64_t o = blocks * ROWS; o < rows; ++o) {                                                    \
         float acc;                                                                                      \
         DOT1(w + o * in, in, x, &acc);                                                                  \
-        y[o] = mode ? STORE(LOAD(y, o) + ROUND(acc)) : STORE(acc + (bias ? LOAD(bias, o) : 0.0f));      \
+        y[o] = mode ? STORE(LOAD(y, o) + ROUND(acc)) : STORE(acc + (bias ? bias[o] : 0.0f));      \
     }                                                                                                   \
 }                                                                                                       \
-/* hid[j] = silu(gate_j·x)·(up_j·x) for the neurons j of [0, ffn), split over the team */              \
-static inline void NAME##_gate_up(const T *wg, const T *wu, const float *x, T *hid, int64_t ffn, int64_t in) { \
+/* rows [0, rows) of product p applied to the thread's input s->xf [in], written as _gemv writes them */ \
+static inline void NAME##_product(const int64_t *p, Scratch *s, T *y, int64_t rows, int64_t in, int mode) { \
+    const float *bias = (const float *)p[5];                                                            \
+    if (p[0] == FLOAT) {                                                                                \
+        NAME##_gemv((const T *)p[1], bias, s->xf, y, rows, in, mode);                                   \
+        return;                                                                                         \
+    }                                                                                                   \
+    prepare(p, s->xf, in, s);                                                                           \
+    _Pragma("omp for schedule(static)")                                                                 \
+    for (int64_t t = 0; t < rows / 32; ++t) {                                                           \
+        float res[32];                                                                                  \
+        quant_tile(p, t, in, s, res);                                                                   \
+        for (int j = 0; j < 32; ++j) {                                                                  \
+            const int64_t o = t * 32 + j;                                                               \
+            y[o] = mode ? STORE(LOAD(y, o) + ROUND(res[j])) : STORE(res[j] + (bias ? bias[o] : 0.0f));  \
+        }                                                                                               \
+    }                                                                                                   \
+}                                                                                                       \
+/* hid[j] = silu(gate_j·x)·(up_j·x) for the neurons j of [0, ffn), split over the team; p: the gate    \
+ * rows then the up rows, without bias */                                                               \
+static inline void NAME##_gate_up(const int64_t *p, Scratch *s, T *hid, int64_t ffn, int64_t in) {      \
+    if (p[0] != FLOAT) {                                                                                \
+        prepare(p, s->xf, in, s);                                                                       \
+        _Pragma("omp for schedule(static)")                                                             \
+        for (int64_t t = 0; t < ffn / 32; ++t) {                                                        \
+            float g[32], u[32];                                                                         \
+            quant_tile(p, t, in, s, g);                                                                 \
+            quant_tile(p, ffn / 32 + t, in, s, u);                                                      \
+            for (int j = 0; j < 32; ++j) hid[t * 32 + j] = STORE(ROUND(silu(ROUND(g[j]))) * ROUND(u[j])); \
+        }                                                                                               \
+        return;                                                                                         \
+    }                                                                                                   \
+    const T *wg = (const T *)p[1], *wu = wg + ffn * in;                                                 \
+    const float *x = s->xf;                                                                             \
     const int64_t blocks = ffn / ROWS;                                                                  \
     _Pragma("omp for schedule(static) nowait")                                                          \
     for (int64_t b = 0; b < blocks; ++b) {                                                              \
@@ -131,7 +229,7 @@ static inline void NAME##_gate_up(const T *wg, const T *wu, const float *x, T *h
     }                                                                                                   \
 }                                                                                                       \
 int NAME(const int64_t *layers, const int64_t *kinds, int64_t num_layers, int64_t token, const T *embed, \
-         const T *final_norm, const T *head, int64_t vocab, const T *cos, const T *sin,                 \
+         const T *final_norm, const int64_t *head, int64_t vocab, const T *cos, const T *sin,           \
          const int64_t *table0, int64_t slot0, const int64_t *table1, int64_t slot1,                    \
          int64_t context, int64_t lowest_global, int64_t lowest_local, T *logits,                       \
          int64_t d, int64_t hq, int64_t hkv, int64_t dim, int64_t ffn, int64_t block_size, float eps,  \
@@ -145,26 +243,25 @@ int NAME(const int64_t *layers, const int64_t *kinds, int64_t num_layers, int64_
     int failed = 0;                                                                                     \
     _Pragma("omp parallel")                                                                             \
     {                                                                                                   \
-        float *xf = (float *)malloc(sizeof(float) * widest), *scores = NULL;                            \
+        Scratch s;                                                                                      \
+        float *scores = NULL;                                                                           \
         float *qs = (float *)malloc(sizeof(float) * group * dim), *os = (float *)malloc(sizeof(float) * group * dim); \
         float *kr = (float *)malloc(sizeof(float) * dim);                                               \
         int64_t capacity = 0;                                                                           \
-        int mine = !xf || !qs || !os || !kr;                                                            \
+        int mine = !scratch_alloc(&s, widest) || !qs || !os || !kr;                                     \
         _Pragma("omp atomic")                                                                           \
         failed |= mine;                                                                                 \
         _Pragma("omp barrier")                                                                          \
         /* read once, after the barrier: every thread takes the same branch, none waits alone at one */ \
         const int ready = !failed;                                                                      \
         for (int64_t l = 0; l < (ready ? num_layers : 0); ++l) {                                        \
-            const int64_t *p = layers + l * PTRS_PER_LAYER;                                             \
-            const T *in_norm = (const T *)p[0], *wqkv = (const T *)p[1], *bqkv = (const T *)p[2];       \
-            const T *wo = (const T *)p[3], *post_norm = (const T *)p[4], *wgate = (const T *)p[5], *wup = (const T *)p[6]; \
-            const T *wdown = (const T *)p[7];                                                           \
-            T *kp = (T *)p[8], *vp = (T *)p[9];                                                         \
+            const int64_t *p = layers + l * LAYER_FIELDS, *products = p + 4;                            \
+            const T *in_norm = (const T *)p[0], *post_norm = (const T *)p[1];                           \
+            T *kp = (T *)p[2], *vp = (T *)p[3];                                                         \
             const int64_t *table = kinds[2 * l] ? table1 : table0, slot = kinds[2 * l] ? slot1 : slot0; \
             const int64_t lo = kinds[2 * l + 1] ? lowest_local : lowest_global, n = context - lo;       \
-            NAME##_norm(x, in_norm, xf, d, eps);                                                        \
-            NAME##_gemv(wqkv, bqkv, xf, qkv, width, d, 0);                                              \
+            NAME##_norm(x, in_norm, s.xf, d, eps);                                                      \
+            NAME##_product(products, &s, qkv, width, d, 0);                                             \
             _Pragma("omp for schedule(static)")                                                         \
             for (int64_t h = 0; h < hkv; ++h) {                                                         \
                 T *kout = kp + (slot * hkv + h) * dim, *vout = vp + (slot * hkv + h) * dim;             \
@@ -183,18 +280,18 @@ int NAME(const int64_t *layers, const int64_t *kinds, int64_t num_layers, int64_
                 }                                                                                       \
                 for (int64_t i = 0; i < group * dim; ++i) dst[i] = STORE(os[i]);                        \
             }                                                                                           \
-            for (int64_t i = 0; i < hq * dim; ++i) xf[i] = LOAD(att, i);                                \
-            NAME##_gemv(wo, NULL, xf, x, d, hq * dim, 1);                                               \
-            NAME##_norm(x, post_norm, xf, d, eps);                                                      \
-            NAME##_gate_up(wgate, wup, xf, hid, ffn, d);                                                       \
-            for (int64_t i = 0; i < ffn; ++i) xf[i] = LOAD(hid, i);                                     \
-            NAME##_gemv(wdown, NULL, xf, x, d, ffn, 1);                                                 \
+            for (int64_t i = 0; i < hq * dim; ++i) s.xf[i] = LOAD(att, i);                              \
+            NAME##_product(products + PRODUCT_FIELDS, &s, x, d, hq * dim, 1);                           \
+            NAME##_norm(x, post_norm, s.xf, d, eps);                                                    \
+            NAME##_gate_up(products + 2 * PRODUCT_FIELDS, &s, hid, ffn, d);                             \
+            for (int64_t i = 0; i < ffn; ++i) s.xf[i] = LOAD(hid, i);                                   \
+            NAME##_product(products + 3 * PRODUCT_FIELDS, &s, x, d, ffn, 1);                            \
         }                                                                                               \
         if (ready) {                                                                                    \
-            NAME##_norm(x, final_norm, xf, d, eps);                                                     \
-            NAME##_gemv(head, NULL, xf, logits, vocab, d, 0);                                           \
+            NAME##_norm(x, final_norm, s.xf, d, eps);                                                   \
+            NAME##_product(head, &s, logits, vocab, d, 0);                                              \
         }                                                                                               \
-        free(xf); free(qs); free(os); free(kr); free(scores);                                           \
+        scratch_free(&s); free(qs); free(os); free(kr); free(scores);                                   \
     }                                                                                                   \
     free(x); free(qkv); free(att); free(hid);                                                           \
     return failed ? 2 : 0;                                                                              \
