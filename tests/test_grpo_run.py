@@ -1,11 +1,16 @@
 """GRPO end to end on a tiny model built here: it learns a trivially learnable task (answer 7), a run
-interrupted and resumed from a checkpoint repeats the uninterrupted one's metrics exactly, and the
-CLI runs a whole recipe (config, task file, report)."""
+interrupted and resumed from a checkpoint repeats the uninterrupted one's metrics exactly, two
+processes under torchrun (gloo) take the steps one process takes, and the CLI runs a whole recipe
+(config, task file, report)."""
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
 from reason_models import seven_problems, tiny_reasoning_dir
 
@@ -87,3 +92,35 @@ def test_the_cli_runs_a_recipe(setup, tmp_path, monkeypatch, capsys):
 
     with pytest.raises(ConfigError, match="group_size"):
         cli.run(parser.parse_args(["--model", str(model), "--task", str(problems), "--config", str(config), "--out", str(out)]))
+
+
+def test_two_processes_under_torchrun_take_the_steps_of_one(setup, tmp_path, monkeypatch):
+    """Data parallel: each rank samples and learns on half the prompts, DDP averages the gradients, and
+    the losses are normalised by the whole batch's totals, so the run equals one process's."""
+    monkeypatch.setenv("R1KIT_NO_PROGRESS", "1")
+    model, problems = setup
+    grpo = dict(prompts_per_step=4, group_size=4, max_new_tokens=2, max_steps=3, mu=2, micro_batch_size=3, beta=0.1,
+                eval_every=0, save_every=100, device="cpu")  # fmt: skip
+    optim = dict(lr=0.01, warmup_steps=1)
+    GRPOTrainer(model, task(problems), GRPOConfig(**grpo), OptimConfig(**optim), tmp_path / "one", log=lambda _: None).train()
+    config = tmp_path / "grpo.yaml"
+    config.write_text(yaml.safe_dump({"task": {"heldout": 3, "instruction": "", "require_think": False, "format_weight": 0.0},
+                                      "grpo": grpo, "optim": optim}))  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "r1kit.cli", "grpo",
+         "--model", str(model), "--task", str(problems), "--config", str(config), "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = ([r for r in records(tmp_path / run) if "reward_mean" in r] for run in ("one", "two"))
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert a["reward_mean"] == pytest.approx(b["reward_mean"], abs=1e-9)  # the same completions were drawn
+        assert a["completion_length"] == pytest.approx(b["completion_length"], abs=1e-9)
+        for key in ("loss", "kl", "clip_fraction"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    from r1kit.checkpoints import load_model
+
+    a, b = load_model(tmp_path / "one" / "model"), load_model(tmp_path / "two" / "model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)

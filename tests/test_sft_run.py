@@ -1,9 +1,13 @@
 """`r1kit sft` end to end on a tiny model: full fine-tuning and LoRA (merged on save) learn the
-assistant turns, and a resumed run repeats the uninterrupted one's metrics."""
+assistant turns, a resumed run repeats the uninterrupted one's metrics, and two processes under
+torchrun (gloo) take the steps of one."""
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,3 +98,26 @@ def test_a_resumed_sft_run_repeats_the_uninterrupted_one(setup, tmp_path, monkey
     run_sft(model, chats, out, *extra, "--resume")
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rs]
     assert strip(metrics(out)) == strip(whole)
+
+
+def test_two_processes_under_torchrun_take_the_steps_of_one(setup, tmp_path, monkeypatch):
+    """Each rank takes half of a step's rows (micro-batch 2 on two ranks, 4 on one): the same losses and weights."""
+    monkeypatch.setenv("R1KIT_NO_PROGRESS", "1")
+    model, chats = setup
+    configs = {}
+    for name, micro in (("one", 4), ("two", 2)):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(yaml.safe_dump({"sft": {"seq_len": 32, "micro_batch_size": micro, "max_steps": 4, "log_every": 1},
+                                                 "optim": {"lr": 1e-2, "warmup_steps": 1}}))  # fmt: skip
+    assert run_sft(model, chats, tmp_path / "one", "--config", str(configs["one"])) == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "r1kit.cli", "sft",
+         "--model", str(model), "--data", str(chats), "--out", str(tmp_path / "two"), "--device", "cpu", "--config", str(configs["two"])],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = ([m["loss"] for m in metrics(tmp_path / run) if "loss" in m] for run in ("one", "two"))
+    assert len(one) == 4 and two == pytest.approx(one, abs=1e-5)
+    a, b = load_model(tmp_path / "one" / "model"), load_model(tmp_path / "two" / "model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)

@@ -7,8 +7,9 @@ weights (:meth:`~r1kit.infer.engine.LLMEngine.update_weights` after every optimi
 completions are scored, their advantages computed within each group (a group never spans ranks),
 and the policy takes ``mu`` AdamW steps on the clipped objective (:mod:`r1kit.reason.grpo_loss`),
 accumulating over micro-batches; DDP all-reduces the gradients, and every loss is divided by the
-batch's totals over all ranks, so the gradient is the whole batch's. Sampling is seeded by
-(seed, step, rank), so an interrupted run resumed from a checkpoint repeats the uninterrupted one.
+batch's totals over all ranks, so the gradient is the whole batch's. Each problem's completions are
+sampled with a seed of (seed, step, problem), whichever rank draws them: an interrupted run resumed
+from a checkpoint repeats the uninterrupted one, and N processes sample what one process samples.
 """
 
 from __future__ import annotations
@@ -172,7 +173,7 @@ class GRPOTrainer:
         texts = [self.prompt_text(p) for p in problems]
         t0 = time.perf_counter()
         rollouts = self.rollouts.generate([self.encode(t) for t in texts], c.group_size, self._params(False),
-                                          seed=c.seed * 1_000_003 + run.step * 65_537 + run.dist.rank * 4_099)  # fmt: skip
+                                          seed=c.seed * 1_000_003 + run.step * 65_537 + first * c.group_size)  # fmt: skip
         gen_s = time.perf_counter() - t0
         scores = torch.tensor([self.task.score(problems[r.prompt_index], r.text, texts[r.prompt_index]) for r in rollouts])
         advantages = group_advantages(scores[:, 0], c.group_size, scale=c.scale_rewards)
