@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "generate": ("r1kit.cli.generate", "generate text from a model directory (the engine; --reference for the plain decoding loop)"),
     "bench": ("r1kit.cli.bench", "measure the engine's throughput and latency on a model directory or config"),
     "sft": ("r1kit.cli.sft", "supervised fine-tuning on chats: loss on assistant tokens, packing, full or LoRA (merged on save)"),
+    "cold-start": ("r1kit.cli.cold_start", "worked solutions of a task's problems in R1's <think> format, verified, as chats for sft"),
     "grpo": ("r1kit.cli.grpo", "reinforcement learning with verifiable rewards (GRPO) on a task: rollouts on the engine, metrics, report"),
     "claims": ("r1kit.cli.claims", "measure every figure the guide states and write claims.md / claims.html (budgeted, resumable)"),
     "apps": ("r1kit.cli.apps", "the guide's applications: intent recognition, the support assistant, code completion, test generation"),
