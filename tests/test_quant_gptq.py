@@ -113,3 +113,24 @@ def test_every_attention_and_ffn_kind_quantizes_and_decodes(kind, device):
     assert (out - reference).abs().mean() <= 2e-2 * reference.abs().mean()
     tokens = generate(model, [1, 2, 3], SamplingParams(temperature=0, max_tokens=6))  # decode: Top-K takes its masked path
     assert len(tokens) == 6
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_replayed_passes_quantize_exactly_as_full_forwards(kind, monkeypatch):
+    """Once o_proj (down_proj) is quantized, later passes run the attention (FFN) as that one product on
+    its collected inputs: the codes and every layer's outputs must be those of full forwards."""
+    from r1kit.quant import quantizer
+
+    calib = markov_tokens(8, 32, seed=3)
+    runs = {}
+    for replay in (True, False):
+        if not replay:
+            monkeypatch.setattr(quantizer, "REPLAYED", {})
+        torch.manual_seed(0)
+        model = R1kitForCausalLM(tiny_config(**KINDS[kind])).eval()
+        runs[replay] = quantize_model(model, QuantConfig(group_size=64, block_size=32), calib, batch_size=3), model
+    (fast, fast_model), (full, full_model) = runs[True], runs[False]
+    assert set(fast) == set(full)
+    for name in full:
+        assert torch.equal(fast[name].codes, full[name].codes) and torch.equal(fast[name].scales, full[name].scales), name
+    torch.testing.assert_close(fast_model.state_dict(), full_model.state_dict(), atol=0, rtol=0)

@@ -149,9 +149,40 @@ class _Collected(Exception):
     """Raised by the last hook of a group: the rest of the layer's forward is not needed."""
 
 
-def _collect_hessians(linears: dict[str, nn.Linear], run: Callable[[slice], None], batches: list[slice]) -> dict[str, Hessian]:
-    """Each linear's input Hessian over the calibration batches. Linears that read the same input
-    tensor (q/k/v, gate/up) share one Hessian; each forward stops once every linear has its input."""
+# a sub-layer whose forward ends in one linear, applied to everything before it: attention's o_proj, the FFN's down_proj
+REPLAYED = {"self_attn.o_proj": "self_attn", "mlp.down_proj": "mlp"}
+
+
+class _Replay(nn.Module):
+    """Stands in for a sub-layer (attention, FFN) whose forward ends in ``linear``: ``linear`` applied to
+    its input as collected for batch ``batch``, so later passes over the layer skip all that led to it."""
+
+    def __init__(self, linear: nn.Module, inputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.linear, self.inputs, self.batch = linear, inputs, 0
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.linear(self.inputs[self.batch])
+
+
+@contextlib.contextmanager
+def _replays(layer: nn.Module, replays: dict[str, _Replay]) -> Iterator[None]:
+    """``layer``'s sub-layers swapped for their replays while inside (put back however it exits)."""
+    saved = {name: layer.get_submodule(name) for name in replays}
+    try:
+        for name, replay in replays.items():
+            setattr(layer, name, replay)
+        yield
+    finally:
+        for name, module in saved.items():
+            setattr(layer, name, module)
+
+
+def _collect_hessians(linears: dict[str, nn.Linear], run: Callable[[int], None], batches: int,
+                      keep: dict[str, list[torch.Tensor]] | None = None) -> dict[str, Hessian]:
+    """Each linear's input Hessian over the calibration batches (``run(b)`` runs batch ``b``). Linears
+    that read the same input tensor (q/k/v, gate/up) share one Hessian; each forward stops once every
+    linear has its input. ``keep[name]`` collects that linear's inputs, batch by batch."""
     hessians: dict[str, Hessian] = {}
     seen: dict[str, torch.Tensor] = {}
 
@@ -164,13 +195,15 @@ def _collect_hessians(linears: dict[str, nn.Linear], run: Callable[[slice], None
             if same is None or hessians[same] is not hessians[name]:
                 hessians[name].add(x)
             seen[name] = x
+            if keep is not None and name in keep:
+                keep[name].append(x)
             if len(seen) == len(linears):
                 raise _Collected
         return pre
 
     handles = [linear.register_forward_pre_hook(hook(name)) for name, linear in linears.items()]
     try:
-        for b in batches:
+        for b in range(batches):
             seen.clear()
             try:
                 run(b)
@@ -195,6 +228,10 @@ def _gptq(model, config: QuantConfig, tokens: torch.Tensor, batch_size: int, wra
     tokens = tokens.to(device)
     n, seqlen = tokens.shape
     batches = [slice(b, min(b + batch_size, n)) for b in range(0, n, batch_size)]
+    # True-sequential passes run the layer again and again; once o_proj (down_proj) is quantized, its
+    # inputs as collected stand for everything before it, so the passes after it run the attention
+    # (FFN) as that one product: each part of the layer is computed about once instead of up to four times.
+    replay = config.true_sequential
     xs = torch.cat([model.model.embed_tokens(tokens[b]) for b in batches])  # [n, seqlen, d]
     cos, sin = model.rotary(torch.arange(seqlen, device=device), xs.dtype)
     window = model.config.window_for(seqlen)
@@ -204,12 +241,21 @@ def _gptq(model, config: QuantConfig, tokens: torch.Tensor, batch_size: int, wra
     for i in wrap(range(len(model.model.layers))):
         layer = model.model.layers[i]
         records = {}
+        replays: dict[str, _Replay] = {}
+
+        def run(b: int, layer=layer, replays=replays) -> torch.Tensor:
+            for r in replays.values():
+                r.batch = b
+            with _replays(layer, replays):
+                return layer(xs[batches[b]], cos, sin, window)
+
         with _calibration_mode(layer):
             for group in groups:
                 linears = layer_linears(layer, group)
                 if not linears:
                     continue
-                hessians = _collect_hessians(linears, lambda b, layer=layer: layer(xs[b], cos, sin, window), batches)
+                keep = {name: [] for name in linears if replay and name in REPLAYED}
+                hessians = _collect_hessians(linears, run, len(batches), keep)
                 for names in _by_hessian(hessians):
                     # linears reading one input share H, hence the column order and every update: one sweep
                     # over their stacked rows gives each its own result, in one pass instead of one each
@@ -226,8 +272,11 @@ def _gptq(model, config: QuantConfig, tokens: torch.Tensor, batch_size: int, wra
                         records[key] = {"output_error": output_error(weight, quantized, H.matrix), "damp": damp, "seconds": seconds}
                         weight.data.copy_(quantized)
                         results[key] = result
-            for b in batches:  # the quantized layer's outputs are the next layer's inputs
-                xs[b] = layer(xs[b], cos, sin, window)
+                for name, inputs in keep.items():
+                    if len(inputs) == len(batches):
+                        replays[REPLAYED[name]] = _Replay(linears[name], inputs)
+            for b, rows in enumerate(batches):  # the quantized layer's outputs are the next layer's inputs
+                xs[rows] = run(b)
         model.quant_errors.update(records)
         if on_layer is not None:
             on_layer(i, records)
