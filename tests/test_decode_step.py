@@ -88,6 +88,8 @@ def test_no_step_where_the_model_has_layers_it_does_not_cover(tiny_config):
         runner = LLM(model, block_size=4, num_kv_blocks=16).llm_engine.runner
         assert runner.step is None and DecodeStep.build(runner.model, runner.pool) is None
     assert LLM(model_of(tiny_config), block_size=4, num_kv_blocks=16, decode_kernel=False).llm_engine.runner.step is None
+    plain = LLM(model_of(tiny_config), block_size=4, num_kv_blocks=16, decode_step=False).llm_engine
+    assert plain.runner.step is None and plain.runner.pool.decode_kernel is not None  # the attention kernel stays
 
 
 def test_update_weights_rebuilds_the_step(tiny_config):

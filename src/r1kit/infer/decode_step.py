@@ -14,7 +14,7 @@ holds: a quantized product runs the very tiles of r1kit's int4 or int8 CPU kerne
 packed weights (no copy), so its results are the module path's to the bit. Float products run over the
 step's own copy of the weights in its layout (:func:`interleave`: blocks of four rows read as one
 stream, which measured faster than four row streams), so a float model is held twice
-(``EngineConfig.decode_kernel=False`` trades the step, and the paged attention kernel, for that memory).
+(``EngineConfig.decode_step=False`` trades the step for that memory).
 Float results match the module path to within float rounding (the sums run in another order): greedy
 tokens equal the reference's, which ``tests/test_decode_step.py`` checks against the eager model.
 

@@ -51,9 +51,12 @@ class EngineConfig:
     pack_weights: bool = True
     # decode attention reads the paged pool in place: on the CPU a C kernel built on first use
     # (r1kit.infer.decode_attention), on CUDA a Triton one (r1kit.infer.triton_decode_attention); where
-    # neither can run, decodes gather K/V out of the pool as prefills do. On the CPU a sequence decoding
-    # alone also runs the whole model in one C call (r1kit.infer.decode_step), over its own copy of the weights
+    # neither can run, decodes gather K/V out of the pool as prefills do
     decode_kernel: bool = True
+    # on the CPU (with decode_kernel) a sequence decoding alone runs the whole model in one C call
+    # (r1kit.infer.decode_step); its float products read their own copy of the weights, so False
+    # saves that memory (a float model's weights once more) for a slower batch-1 decode
+    decode_step: bool = True
     # processes the model is split over (r1kit.infer.tensor_parallel): this one is rank 0
     tensor_parallel_size: int = 1
 
@@ -140,7 +143,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         runner = ModelRunner if self.workers is None else self.workers.runner  # the same arguments
         self.runner = runner(model, self.num_blocks, config.block_size, config.decode_kernel, self.window_blocks,
-                             self.block_manager.window_table if window else None)
+                             self.block_manager.window_table if window else None, decode_step=config.decode_step)
         self.processor = Processor(mc, tokenizer, self.max_model_len, self.num_blocks * config.block_size, config.block_size, think_token_ids)
         self.special, self.hidden_ids = self.processor.special, self.processor.hidden_ids
         self.requests: dict[str, Request] = {}

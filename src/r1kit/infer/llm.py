@@ -53,7 +53,7 @@ class LLM:
         the CPU), or an ``R1kitForCausalLM``, which the engine copies (cast and moved to ``dtype``/``device``
         when given): the caller's model is left as it was and can still train; ``engine_args``: :class:`EngineConfig` fields
         (``block_size``, ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``kv_cache_memory``,
-        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``,
+        ``kv_cache_fraction``, ``num_kv_blocks``, ``enable_prefix_caching``, ``pack_weights``, ``decode_kernel``, ``decode_step``,
         ``tensor_parallel_size``);
         ``generation_config``: ``"auto"`` or ``"none"`` (only read for a model directory)."""
         from r1kit.checkpoints.load import load_model, resolve_model

@@ -27,11 +27,11 @@ class ModelRunner:
     group, for models whose windowed layers have blocks of their own (0 and None otherwise)."""
 
     def __init__(self, model, num_blocks: int, block_size: int, decode_kernel: bool = True, window_blocks: int = 0,
-                 window_tables: Callable[[Sequence], list[int]] | None = None) -> None:
+                 window_tables: Callable[[Sequence], list[int]] | None = None, decode_step: bool = True) -> None:
         self._model = model
         self.window_tables = window_tables
         self.device = model.device
-        self._use_step = decode_kernel and self.device.type == "cpu"
+        self._use_step = decode_kernel and decode_step and self.device.type == "cpu"
         kernel = None
         if decode_kernel and self.device.type == "cpu":
             from r1kit.infer.decode_attention import load_kernel

@@ -19,11 +19,12 @@ from r1kit.infer.tensor_parallel.channel import POOL, STEP, PoolShape, encode_st
 
 class TensorParallelRunner:
     def __init__(self, workers, model, num_blocks: int, block_size: int, decode_kernel: bool = True, window_blocks: int = 0,
-                 window_tables: Callable[[Sequence], list[int]] | None = None) -> None:
+                 window_tables: Callable[[Sequence], list[int]] | None = None, decode_step: bool = True) -> None:
         self.workers = workers
         self.window_tables = window_tables
         workers.send(POOL, PoolShape(num_blocks, block_size, decode_kernel, window_blocks, window_tables is not None).encode())
-        self.inner = ModelRunner(model, num_blocks, block_size, decode_kernel, window_blocks, window_tables)
+        # a shard is not a model the one-call step runs (DecodeStep.build says so): decode_step changes nothing here
+        self.inner = ModelRunner(model, num_blocks, block_size, decode_kernel, window_blocks, window_tables, decode_step)
 
     @property
     def model(self):
