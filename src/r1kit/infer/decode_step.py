@@ -50,14 +50,17 @@ FLOAT, INT4, INT8 = 0, 4, 8  # a product's kind: the C file's enum
 QUANT_TILE = 32  # output columns per tile of the int4/int8 kernels
 
 
-def interleave(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] (``in`` a multiple of CHUNK) in the kernel's layout, a new 1-D tensor: each
-    block of ROWS rows as its runs of CHUNK features, the block's rows side by side in each run, so a
-    thread reads its rows as one stream; the last ``out % ROWS`` rows follow, plain."""
-    out, cols = weight.shape
-    whole = out - out % ROWS
-    blocks = weight[:whole].reshape(whole // ROWS, ROWS, cols // CHUNK, CHUNK).transpose(1, 2).reshape(-1)
-    return torch.cat([blocks, weight[whole:].reshape(-1)])
+def interleave(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight`` [out, in] (``in`` a multiple of CHUNK) in the kernel's layout, as a 1-D tensor (``out``,
+    of ``weight.numel()`` elements, where given): each block of ROWS rows as its runs of CHUNK features,
+    the block's rows side by side in each run, so a thread reads its rows as one stream; the last
+    ``out % ROWS`` rows follow, plain."""
+    rows, cols = weight.shape
+    whole = rows - rows % ROWS
+    out = torch.empty(weight.numel(), dtype=weight.dtype) if out is None else out
+    out[: whole * cols].view(whole // ROWS, cols // CHUNK, ROWS, CHUNK).copy_(weight[:whole].reshape(whole // ROWS, ROWS, cols // CHUNK, CHUNK).transpose(1, 2))
+    out[whole * cols :].copy_(weight[whole:].reshape(-1))
+    return out
 
 
 @functools.cache
@@ -91,13 +94,22 @@ def plain_weight(linear: nn.Module) -> torch.Tensor | None:
 class Product:
     """One product as the C step reads it: ``fields`` (kind, weight, scales and zeros, input order,
     group, float32 bias: pointers as integers, 0 for none) over the tensors in ``keep``, for an
-    ``out_features`` x ``in_features`` weight."""
+    ``out_features`` x ``in_features`` weight. A float product's weight is ``source`` until
+    :meth:`place` lays it out in the step's own memory."""
 
     def __init__(self, kind: int, tensors: list[torch.Tensor | None], group: int, in_features: int, out_features: int) -> None:
         self.keep = [t for t in tensors if t is not None]
         weight, scale_zero, order, bias = tensors
-        self.fields = [kind] + [0 if t is None else t.data_ptr() for t in (weight, scale_zero, order)] + [group, 0 if bias is None else bias.data_ptr()]
+        self.source = weight if kind == FLOAT else None
+        self.fields = [kind] + [0 if t is None or kind == FLOAT and t is weight else t.data_ptr() for t in (weight, scale_zero, order)] \
+            + [group, 0 if bias is None else bias.data_ptr()]
         self.in_features, self.out_features = in_features, out_features
+
+    def place(self, memory: torch.Tensor) -> None:
+        """Lay the float weight out (:func:`interleave`) in ``memory`` (1-D, its size) and point at it there."""
+        interleave(self.source, memory)
+        self.keep = [memory if t is self.source else t for t in self.keep]
+        self.fields[1], self.source = memory.data_ptr(), None
 
 
 def _float_bias(linears: list[nn.Module]) -> torch.Tensor | None | bool:
@@ -161,7 +173,7 @@ def _product(module: nn.Module, fused: str | None, parts: tuple[str, ...], dtype
     weight = torch.cat(weights) if len(weights) > 1 else weights[0]
     if bias is False or weight.dtype != dtype or weight.shape[1] % CHUNK:
         return None
-    return Product(FLOAT, [interleave(weight), None, None, bias], 0, weight.shape[1], weight.shape[0])
+    return Product(FLOAT, [weight, None, None, bias], 0, weight.shape[1], weight.shape[0])
 
 
 def _unsupported(model, pool: KVPool) -> str | None:
@@ -217,7 +229,7 @@ class DecodeStep:
         # (in, out) of each product of a whole layer: a shard of one (tensor parallelism) is not a model the step can run
         shapes = ((d, heads + 2 * mc.num_kv_heads * mc.head_dim), (heads, d), (d, 2 * f), (f, d))
         keep: list[torch.Tensor] = []
-        rows = []
+        layers = []
         for i, layer in enumerate(model.model.layers):
             attn, ffn = layer.self_attn, layer.mlp
             products = [_product(attn, "qkv_proj", ("q_proj", "k_proj", "v_proj"), dtype, int4), _product(attn, None, ("o_proj",), dtype, int4),
@@ -232,12 +244,26 @@ class DecodeStep:
             norms = [layer.input_layernorm.weight.detach().contiguous(), layer.post_attention_layernorm.weight.detach().contiguous()]
             if any(t.dtype != dtype for t in (*norms, pool.k[i], pool.v[i])):
                 return None
-            keep += norms + [t for pr in products for t in pr.keep]
-            rows.append([t.data_ptr() for t in (*norms, pool.k[i], pool.v[i])] + [x for pr in products for x in pr.fields])
+            keep += norms
+            layers.append(([t.data_ptr() for t in (*norms, pool.k[i], pool.v[i])], products))
         head = _product(model.model, None, ("embed_tokens",), dtype, int4) if mc.tie_embeddings else _product(model, None, ("lm_head",), dtype, int4)
         if head is None or (head.in_features, head.out_features) != (d, mc.vocab_size) or head.fields[5] \
                 or (head.fields[0] != FLOAT and mc.vocab_size % QUANT_TILE):
             return None
+        floats = [pr for _, products in layers for pr in products if pr.source is not None] + ([head] if head.source is not None else [])
+        if floats:
+            # one block for every float weight the step reads, in large pages where the kernel gives them:
+            # a token streams through all of it, and the hardware prefetchers stop at every page's end
+            memory = native.huge_empty(sum(pr.source.numel() for pr in floats), dtype)
+            offset = 0
+            for pr in floats:
+                size = pr.source.numel()
+                pr.place(memory[offset : offset + size])
+                offset += size
+        rows = []
+        for pointers, products in layers:
+            keep += [t for pr in products for t in pr.keep]
+            rows.append(pointers + [x for pr in products for x in pr.fields])
         kinds = torch.tensor([[pool.groups[i], int(layer.self_attn.kind == "local")] for i, layer in enumerate(model.model.layers)], dtype=torch.int64)
         return cls(fns[dtype], model, pool, torch.tensor(rows, dtype=torch.int64), kinds, keep, head)
 

@@ -40,7 +40,8 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: 
         raise ValueError(f"int4 CPU kernel: [{k}, {n}] in groups of {group} does not fit (needs out % {TILE}, group % 4, in % group)")
     # [K/2, 2 (row of the pair), N/32, 2 (column j or 16 + j), 16] -> [tile, pair, j, row of the pair, half]
     c = codes.to(torch.uint8).view(k // 2, 2, n // TILE, 2, 16).permute(2, 0, 4, 1, 3)
-    weight = (c[..., 0] | (c[..., 1] << 4)).contiguous().view(n // TILE, k // 2, TILE)
+    # in large pages: a decode step streams every layer's codes once (see r1kit.native.huge_empty)
+    weight = native.huge_copy((c[..., 0] | (c[..., 1] << 4)).reshape(n // TILE, k // 2, TILE))
     return PackedWeight(weight, scale_zero(scales, zeros), None if order is None else order.to(torch.int64).contiguous(), group, k, n)
 
 

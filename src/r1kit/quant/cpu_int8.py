@@ -45,7 +45,8 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: 
     k, n = codes.shape
     if not fits(k, n, group):
         raise ValueError(f"int8 CPU kernel: [{k}, {n}] in groups of {group} does not fit (needs out % {TILE}, group % {BLOCK}, in % group)")
-    weight = codes.to(torch.uint8).view(k // 4, 4, n // TILE, TILE).permute(2, 0, 3, 1).contiguous()
+    # in large pages: a decode step streams every layer's codes once (see r1kit.native.huge_empty)
+    weight = native.huge_copy(codes.to(torch.uint8).view(k // 4, 4, n // TILE, TILE).permute(2, 0, 3, 1))
     return PackedWeight(weight, scale_zero(scales, zeros), None if order is None else order.to(torch.int64).contiguous(), group, k, n)
 
 
