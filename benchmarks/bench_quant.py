@@ -51,7 +51,7 @@ packed zeros and g_idx add to it, and the embeddings and ``lm_head`` stay float.
 linear-only ratio and the whole-checkpoint ratio are printed.
 
 Usage: python benchmarks/bench_quant.py [--steps 300] [--nsamples 128] [--group-sizes 128,-1] [--threads 1,2]
-       [--real-nsamples 128 --real-seqlen 512 --real-groups 64,128 --gptqmodel-python PATH] [--skip-real]
+       [--real-nsamples 128 --real-seqlen 512 --real-groups 64,128 --gptqmodel-python PATH] [--skip-real] [--skip-real-best]
        [--speed-hidden 768 --speed-layers 12 --decode-tokens 32] [--engine-batches 8,16] [--skip-quality] [--skip-speed]
 """
 
@@ -251,7 +251,11 @@ def bench_quality(args) -> None:
 REAL_BEST = {"desc_act": True, "static_groups": True}
 GPTQMODEL_SCRIPT = """
 import json, sys, time
+import gptqmodel
 from gptqmodel import GPTQModel, QuantizeConfig
+# GPTQModel 7.7.0 sizes its CPU pool at (cores + 1) // 2 workers and then asks for a 2-worker model
+# loader under it, which a 2-core machine refuses ("requests 2 workers but parent 'cpu' only has 1")
+gptqmodel._default_cpu_workers = lambda: 2
 model_dir, calib_file, out, group = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 rows = json.load(open(calib_file))
 model = GPTQModel.load(model_dir, QuantizeConfig(bits=4, group_size=group, desc_act=False, sym=True), device="cpu")
@@ -321,8 +325,9 @@ def bench_real_model(args) -> None:
         (tmp / "calib.json").write_text(json.dumps(calibration.tolist()))
         for group in args.real_groups:
             runs = [(f"r1kit RTN g{group}", QuantConfig(group_size=group, method="rtn")),
-                    (f"r1kit GPTQ g{group}", QuantConfig(group_size=group)),
-                    (f"r1kit GPTQ g{group} {' '.join(f'{k}={v}' for k, v in REAL_BEST.items())}", QuantConfig(group_size=group, **REAL_BEST))]
+                    (f"r1kit GPTQ g{group}", QuantConfig(group_size=group))]
+            if not args.skip_real_best:
+                runs.append((f"r1kit GPTQ g{group} {' '.join(f'{k}={v}' for k, v in REAL_BEST.items())}", QuantConfig(group_size=group, **REAL_BEST)))
             for name, config in runs:
                 model = load_model(model_dir)
                 start = time.perf_counter()
@@ -593,6 +598,7 @@ def main() -> None:
     p.add_argument("--real-groups", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128], help="group sizes of the real-model section")
     p.add_argument("--gptqmodel-python", help="python of an environment with gptqmodel installed (default $GPTQMODEL_PYTHON or /tmp/gptqmodel-venv/bin/python)")
     p.add_argument("--skip-real", action="store_true", help="skip the real-model section")
+    p.add_argument("--skip-real-best", action="store_true", help="real-model section: r1kit's defaults only, not REAL_BEST too")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-int8-kernel", action="store_true", help="skip the int8 kernel section (SmolLM2-135M's shapes, batch 1 and 8)")
