@@ -117,12 +117,13 @@ class TensorParallelWorkers:
     def size(self) -> int:
         return len(self.processes) + 1
 
-    def runner(self, model, num_blocks: int, block_size: int, decode_kernel: bool = True, window_blocks: int = 0, window_tables=None):
+    def runner(self, model, num_blocks: int, block_size: int, decode_kernel: bool = True, window_blocks: int = 0, window_tables=None,
+               decode_step: bool = True):
         """Rank 0's :class:`~r1kit.infer.tensor_parallel.runner.TensorParallelRunner` over ``model`` (its
         packed shard), the workers building the same pool over theirs (ModelRunner's arguments)."""
         from r1kit.infer.tensor_parallel.runner import TensorParallelRunner
 
-        return TensorParallelRunner(self, model, num_blocks, block_size, decode_kernel, window_blocks, window_tables)
+        return TensorParallelRunner(self, model, num_blocks, block_size, decode_kernel, window_blocks, window_tables, decode_step)
 
     def send(self, command: int, payload: list[int]) -> None:
         self.check()
