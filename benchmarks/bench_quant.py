@@ -338,8 +338,9 @@ def bench_real_model(args) -> None:
                 print(f"  {name}: {rows[-1][1]:.3f} ({seconds:.0f}s)", flush=True)
             if peer is None:
                 continue
+            # in the temporary folder: GPTQModel writes its logs/ folder into the working directory
             done = subprocess.run([peer, "-c", GPTQMODEL_SCRIPT, str(model_dir), str(tmp / "calib.json"), str(tmp / "peer"), str(group)],
-                                  capture_output=True, text=True, check=False)
+                                  capture_output=True, text=True, check=False, cwd=tmp)
             if done.returncode != 0:
                 print(f"  GPTQModel failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
                 continue
