@@ -23,4 +23,14 @@ static inline uint16_t bf16_round(float f) {
     return (uint16_t)(bits >> 16);
 }
 
+/* one element of a float32 or bfloat16 array as float (load_*), a float rounded to the type and
+ * kept as float (round_*), a float as the type's stored value (store_f32, to_bf16): the kernels are
+ * written once for both element types with these */
+static inline float load_f32(const float *p, int64_t i) { return p[i]; }
+static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_value(p[i]); }
+static inline float round_f32(float f) { return f; }
+static inline float round_bf16(float f) { return bf16_value(bf16_round(f)); }
+static inline float store_f32(float f) { return f; }
+static inline uint16_t to_bf16(float f) { return bf16_round(f); }
+
 #endif

@@ -97,18 +97,18 @@ class Product:
     ``out_features`` x ``in_features`` weight. A float product's weight is ``source`` until
     :meth:`place` lays it out in the step's own memory."""
 
-    def __init__(self, kind: int, tensors: list[torch.Tensor | None], group: int, in_features: int, out_features: int) -> None:
-        self.keep = [t for t in tensors if t is not None]
-        weight, scale_zero, order, bias = tensors
+    def __init__(self, kind: int, weight: torch.Tensor, scale_zero: torch.Tensor | None, order: torch.Tensor | None, group: int,
+                 bias: torch.Tensor | None, in_features: int, out_features: int) -> None:
         self.source = weight if kind == FLOAT else None
-        self.fields = [kind] + [0 if t is None or kind == FLOAT and t is weight else t.data_ptr() for t in (weight, scale_zero, order)] \
-            + [group, 0 if bias is None else bias.data_ptr()]
+        self.keep = [t for t in (None if kind == FLOAT else weight, scale_zero, order, bias) if t is not None]
+        pointer = lambda t: 0 if t is None else t.data_ptr()
+        self.fields = [kind, pointer(None if kind == FLOAT else weight), pointer(scale_zero), pointer(order), group, pointer(bias)]
         self.in_features, self.out_features = in_features, out_features
 
     def place(self, memory: torch.Tensor) -> None:
         """Lay the float weight out (:func:`interleave`) in ``memory`` (1-D, its size) and point at it there."""
         interleave(self.source, memory)
-        self.keep = [memory if t is self.source else t for t in self.keep]
+        self.keep.append(memory)
         self.fields[1], self.source = memory.data_ptr(), None
 
 
@@ -155,8 +155,7 @@ def _quant_product(linears: list[nn.Module], int4: bool) -> Product | None:
         return None
     weight = states[0].packed.weight if len(states) == 1 else torch.cat([st.packed.weight for st in states])
     scale_zero = states[0].packed.scale_zero if len(states) == 1 else torch.cat([st.packed.scale_zero for st in states])
-    return Product(kinds.pop(), [weight, scale_zero, first.order, bias], first.group, first.in_features,
-                   sum(st.packed.out_features for st in states))
+    return Product(kinds.pop(), weight, scale_zero, first.order, first.group, bias, first.in_features, sum(st.packed.out_features for st in states))
 
 
 def _product(module: nn.Module, fused: str | None, parts: tuple[str, ...], dtype: torch.dtype, int4: bool) -> Product | None:
@@ -173,7 +172,7 @@ def _product(module: nn.Module, fused: str | None, parts: tuple[str, ...], dtype
     weight = torch.cat(weights) if len(weights) > 1 else weights[0]
     if bias is False or weight.dtype != dtype or weight.shape[1] % CHUNK:
         return None
-    return Product(FLOAT, [weight, None, None, bias], 0, weight.shape[1], weight.shape[0])
+    return Product(FLOAT, weight, None, None, 0, bias, weight.shape[1], weight.shape[0])
 
 
 def _unsupported(model, pool: KVPool) -> str | None:
@@ -236,10 +235,9 @@ class DecodeStep:
                         _product(ffn, "gate_up_proj", ("gate_proj", "up_proj"), dtype, int4), _product(ffn, None, ("down_proj",), dtype, int4)]
             if any(pr is None or (pr.in_features, pr.out_features) != shape for pr, shape in zip(products, shapes)):
                 return None
-            # the C step adds no bias after the output, gate/up and down products; a quantized product runs whole tiles
-            if any(pr.fields[5] for pr in products[1:]) or any(pr.fields[0] != FLOAT and pr.out_features % QUANT_TILE for pr in products):
-                return None
-            if products[2].fields[0] != FLOAT and f % QUANT_TILE:
+            # the C step adds no bias after the output, gate/up and down products; a quantized gate/up
+            # splits into whole tiles of gate rows and of up rows (every packed product is whole tiles)
+            if any(pr.fields[5] for pr in products[1:]) or (products[2].fields[0] != FLOAT and f % QUANT_TILE):
                 return None
             norms = [layer.input_layernorm.weight.detach().contiguous(), layer.post_attention_layernorm.weight.detach().contiguous()]
             if any(t.dtype != dtype for t in (*norms, pool.k[i], pool.v[i])):
@@ -247,8 +245,7 @@ class DecodeStep:
             keep += norms
             layers.append(([t.data_ptr() for t in (*norms, pool.k[i], pool.v[i])], products))
         head = _product(model.model, None, ("embed_tokens",), dtype, int4) if mc.tie_embeddings else _product(model, None, ("lm_head",), dtype, int4)
-        if head is None or (head.in_features, head.out_features) != (d, mc.vocab_size) or head.fields[5] \
-                or (head.fields[0] != FLOAT and mc.vocab_size % QUANT_TILE):
+        if head is None or (head.in_features, head.out_features) != (d, mc.vocab_size) or head.fields[5]:
             return None
         floats = [pr for _, products in layers for pr in products if pr.source is not None] + ([head] if head.source is not None else [])
         if floats:

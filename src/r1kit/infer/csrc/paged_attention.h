@@ -14,13 +14,6 @@
 
 #define MAX_GROUP 64
 
-static inline float load_f32(const float *p, int64_t i) { return p[i]; }
-static inline float load_bf16(const uint16_t *p, int64_t i) { return bf16_value(p[i]); }
-static inline float round_f32(float f) { return f; }
-static inline uint16_t to_bf16(float f) { return bf16_round(f); }
-static inline float round_bf16(float f) { return bf16_value(bf16_round(f)); }
-static inline float store_f32(float f) { return f; }
-
 #define DEFINE_TASK(NAME, KV_T, LOAD)                                                                     \
 static inline __attribute__((always_inline)) void NAME(                                                 \
     const float *restrict qs, const KV_T *restrict k, const KV_T *restrict v, float *restrict os,       \

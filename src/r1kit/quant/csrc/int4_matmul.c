@@ -68,9 +68,5 @@ int NAME(const T *x, int64_t m, int64_t k, int64_t n, const uint8_t *w, const ui
 #else
 #define TILE(...) ((void)0)
 #endif
-#define F32_LOAD(p, i) ((p)[i])
-#define F32_STORE(f) (f)
-#define BF16_LOAD(p, i) bf16_value((p)[i])
-#define BF16_STORE(f) bf16_round(f)
-DEFINE_MATMUL(int4_matmul_f32, float, F32_LOAD, F32_STORE)
-DEFINE_MATMUL(int4_matmul_bf16, uint16_t, BF16_LOAD, BF16_STORE)
+DEFINE_MATMUL(int4_matmul_f32, float, load_f32, store_f32)
+DEFINE_MATMUL(int4_matmul_bf16, uint16_t, load_bf16, to_bf16)
