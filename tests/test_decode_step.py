@@ -34,19 +34,26 @@ def prompts_of(lengths, vocab=61, seed=1):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def step_logits(llm, prompt, new_tokens):
-    """(tokens seen, logits returned) of every call of the engine's step while it generates ``prompt``."""
+def batch_logits(llm, prompts, new_tokens):
+    """Per call of the engine's step while it generates ``prompts`` together: (each sequence's tokens
+    seen, the logits [B, V] returned)."""
     runner = llm.llm_engine.runner
     assert runner.step is not None
     real, steps = runner.step, []
 
-    def spy(seq, window_table=None):
-        logits = real(seq, window_table)
-        steps.append((list(seq.token_ids[: seq.num_computed_tokens + 1]), logits.clone()))
+    def spy(seqs, window_tables=None):
+        logits = real(seqs, window_tables)
+        steps.append(([list(seq.token_ids[: seq.num_computed_tokens + 1]) for seq in seqs], logits.clone()))
         return logits
 
     runner.step = spy
-    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens))
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens))
+    return steps
+
+
+def step_logits(llm, prompt, new_tokens):
+    """(tokens seen, logits [1, V] returned) of every call of the engine's step while it generates ``prompt``."""
+    steps = [(tokens, logits) for [tokens], logits in batch_logits(llm, [prompt], new_tokens)]
     assert len(steps) == new_tokens - 1  # the first token comes from the prefill
     return steps
 
@@ -69,6 +76,54 @@ def test_engine_greedy_equals_reference_one_request_at_a_time(tiny_config):
     for prompt in prompts_of([3, 11, 17]):
         [out] = llm.generate([prompt], params)
         assert out.outputs[0].token_ids == generate(model, prompt, params)
+
+
+def batch_against_alone(llm, prompts, new_tokens):
+    """Runs ``prompts`` together and, at every step of the batch, each sequence's step alone on the same
+    pool (rewriting the same K/V); returns the largest batch seen and whether every row was equal."""
+    runner = llm.llm_engine.runner
+    real, seen = runner.step, {"largest": 0, "equal": True}
+
+    def spy(seqs, window_tables=None):
+        logits = real(seqs, window_tables)
+        for i, seq in enumerate(seqs):
+            row = real([seq], None if window_tables is None else [window_tables[i]])[0]
+            seen["equal"] &= torch.equal(row, logits[i])
+        seen["largest"] = max(seen["largest"], len(seqs))
+        return logits
+
+    runner.step = spy
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens))
+    return seen["largest"], seen["equal"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_step_equals_each_sequence_alone(tiny_config, dtype):
+    """A step of several sequences (different lengths, local and global layers, so each has its own
+    tables in both groups) returns, row for row, what each sequence's step alone returns, to the bit:
+    every sum runs in one order whatever the batch."""
+    model = model_of(tiny_config, dtype=dtype, attention=("local", "global"))
+    prompts = prompts_of([3, 9, 14, 6, 11])
+    assert batch_against_alone(LLM(model, block_size=4, num_kv_blocks=96), prompts, 7) == (len(prompts), True)
+
+
+def test_batched_step_logits_equal_the_eager_forward(tiny_config):
+    model = model_of(tiny_config, attention=("local", "global"))
+    llm = LLM(model, block_size=4, num_kv_blocks=96)
+    steps = batch_logits(llm, prompts_of([2, 10, 5, 13, 7, 4]), 6)
+    assert max(logits.shape[0] for _, logits in steps) == 6
+    with torch.inference_mode():
+        for seqs, logits in steps:
+            for tokens, row in zip(seqs, logits):
+                torch.testing.assert_close(row, model(torch.tensor([tokens]))[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def test_engine_greedy_equals_reference_in_a_batch(tiny_config):
+    model = model_of(tiny_config, attention=("local", "global"))
+    params = SamplingParams(temperature=0, max_tokens=12)
+    prompts = prompts_of([3, 11, 17, 6])
+    outputs = LLM(model, block_size=4, num_kv_blocks=96).generate(prompts, params)
+    assert [out.outputs[0].token_ids for out in outputs] == [generate(model, p, params) for p in prompts]
 
 
 def test_bfloat16_step_is_close_to_the_eager_forward(tiny_config):
@@ -140,29 +195,27 @@ def test_quantized_step_logits_match_the_dequantized_model(tiny_config, bits, de
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_step_greedy_equals_the_module_path(tiny_config, bits):
     """The step calls the very tiles the layers' kernels run, so it decodes exactly what the engine
-    decodes module by module (the paged attention kernel kept, only the step swapped out)."""
+    decodes module by module (the paged attention kernel kept, only the step swapped out), one
+    sequence at a time and in a batch."""
     if bits == 4 and load_int4() is None:
         pytest.skip("no AVX512-BF16 here: int4 layers run torch's kernel, which the step does not call")
     params = SamplingParams(temperature=0, max_tokens=12)
-    prompts = prompts_of([3, 11, 17])
+    prompts = prompts_of([3, 11, 17, 8, 5, 14])
     model, outputs = quantized_model_of(tiny_config, bits, lm_head=True), []
     for use_step in (True, False):
-        llm = LLM(copy.deepcopy(model), block_size=4, num_kv_blocks=64)
+        llm = LLM(copy.deepcopy(model), block_size=4, num_kv_blocks=128)
         if not use_step:
             llm.llm_engine.runner.step = None
         assert (llm.llm_engine.runner.step is not None) == use_step
-        outputs.append([llm.generate([p], params)[0].outputs[0].token_ids for p in prompts])
+        alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+        outputs.append((alone, [out.outputs[0].token_ids for out in llm.generate(prompts, params)]))
     assert outputs[0] == outputs[1]
 
 
-def test_bfloat16_quantized_step_is_close_to_the_dequantized_model(tiny_config):
-    model = quantized_model_of(tiny_config, 8, dtype=torch.bfloat16)
-    reference = dequantized_copy(model)
-    llm = LLM(model, block_size=4, num_kv_blocks=32)
-    assert llm.llm_engine.runner.step is not None
-    [prompt] = prompts_of([6])
-    with torch.inference_mode():
-        for tokens, logits in step_logits(llm, prompt, 5):
-            want = reference(torch.tensor([tokens]))[0, -1].float()
-            assert logits.dtype == torch.bfloat16
-            torch.testing.assert_close(logits[0].float(), want, rtol=0, atol=0.08 * float(want.abs().max()))
+@pytest.mark.parametrize("bits", [4, 8])
+def test_batched_quantized_step_equals_each_sequence_alone(tiny_config, bits):
+    if bits == 4 and load_int4() is None:
+        pytest.skip("no AVX512-BF16 here: int4 layers run torch's kernel, which the step does not call")
+    model = quantized_model_of(tiny_config, bits, desc_act=True, lm_head=True)
+    prompts = prompts_of([3, 9, 14, 6, 11], vocab=64)
+    assert batch_against_alone(LLM(model, block_size=4, num_kv_blocks=96), prompts, 6) == (len(prompts), True)

@@ -269,7 +269,8 @@ def test_a_step_mixing_prefills_and_decodes_is_one_forward(tiny_config, attentio
     want = dict(zip("abc", reference(model, [a, b, c])))
     with torch.no_grad():
         ref_d = model(torch.tensor([d]))[0].log_softmax(-1)
-    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=9))
+    # without the one-call step, which takes the steps of decodes alone and would leave them no forward to count
+    engine = LLMEngine(model, config=EngineConfig(block_size=4, num_kv_blocks=64, max_num_batched_tokens=9, decode_step=False))
     calls, real_forward = [], engine.model.forward
 
     def counting_forward(*args, **kwargs):

@@ -1,25 +1,26 @@
-"""A decode step of one sequence through the whole model in one C call (``csrc/decode_step.c``).
+"""A decode step of a batch of sequences through the whole model in one C call (``csrc/decode_step.c``).
 
-At batch 1 a thin, deep model spends much of a token's time between its products: the Python of
-each layer's modules, a dispatch per small operation, a thread wake-up per oneDNN call, the cache
-view's per-step tensors. :class:`DecodeStep` runs the step (embedding row, every layer's norm, fused
+A thin, deep model decoding a few sequences spends much of a step between its products: the Python
+of each layer's modules, a dispatch per small operation, a thread wake-up per oneDNN call, the cache
+view's per-step tensors. :class:`DecodeStep` runs the step (embedding rows, every layer's norm, fused
 q/k/v product, rotary, K/V write, attention over the paged pool, output product, norm, fused
 gate/up product with SiLU, down product, residual adds; then the final norm and the output head)
-in one call and one OpenMP region, streaming each weight once at the machine's read rate.
+in one call and one OpenMP region, streaming each weight once for up to eight sequences.
 
 It covers the dense models the engine packs: RMSNorm, SwiGLU, global and local attention (no hybrid
 or Top-K layer), float32 or bfloat16 activations on the CPU, widths that are multiples of 16. Each
 product (q/k/v, output, gate/up, down, the head) is float or GPTQ 4-/8-bit, whatever mix the model
 holds: a quantized product runs the very tiles of r1kit's int4 or int8 CPU kernel over the kernel's own
 packed weights (no copy), so its results are the module path's to the bit. Float products run over the
-step's own copy of the weights in its layout (:func:`interleave`: blocks of four rows read as one
-stream, which measured faster than four row streams), so a float model is held twice
-(``EngineConfig.decode_step=False`` trades the step for that memory).
-Float results match the module path to within float rounding (the sums run in another order): greedy
-tokens equal the reference's, which ``tests/test_decode_step.py`` checks against the eager model.
+step's own copy of the weights in its layout (:func:`interleave`: panels of 16 rows, transposed, so a
+step multiplies one vector of 16 weights by each sequence's input broadcast), so a float model is held
+twice (``EngineConfig.decode_step=False`` trades the step for that memory). Float results match the
+module path to within float rounding (the sums run in another order): greedy tokens equal the
+reference's, which ``tests/test_decode_step.py`` checks against the eager model. Every sum runs in one
+order whatever the batch, so a sequence's logits are the same bits alone or among others.
 
-It never decides when it runs: :class:`~r1kit.infer.model_runner.ModelRunner` calls it for steps
-that decode one sequence alone.
+It never decides when it runs: :class:`~r1kit.infer.model_runner.ModelRunner` calls it for steps of
+decodes alone, up to :data:`MAX_BATCH` sequences.
 """
 
 from __future__ import annotations
@@ -45,20 +46,22 @@ from r1kit.quant.int4.cpu_kernel import CpuKernelState
 SOURCE = Path(__file__).parent / "csrc" / "decode_step.c"
 FUNCTIONS = {torch.float32: "decode_step_f32", torch.bfloat16: "decode_step_bf16"}
 STATUS = {1: "bad head grouping or odd head dim", 2: "out of memory"}
-ROWS, CHUNK = 4, 16  # the kernel's weight layout: blocks of ROWS rows, side by side in runs of CHUNK input features
+PANEL = 16  # the kernel's float weight layout: panels of PANEL rows, transposed
+CHUNK = 16  # every width the step takes is a multiple of it (its SwiGLU runs 16 neurons at a time)
 FLOAT, INT4, INT8 = 0, 4, 8  # a product's kind: the C file's enum
 QUANT_TILE = 32  # output columns per tile of the int4/int8 kernels
+MAX_BATCH = 16  # the most sequences a step runs: beyond it the matrix products are compute-bound, where oneDNN's kernels win
 
 
 def interleave(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``weight`` [out, in] (``in`` a multiple of CHUNK) in the kernel's layout, as a 1-D tensor (``out``,
-    of ``weight.numel()`` elements, where given): each block of ROWS rows as its runs of CHUNK features,
-    the block's rows side by side in each run, so a thread reads its rows as one stream; the last
-    ``out % ROWS`` rows follow, plain."""
+    """``weight`` [out, in] in the kernel's layout, as a 1-D tensor (``out``, of ``weight.numel()``
+    elements, where given): each panel of PANEL rows transposed, so that for each input feature the
+    panel's PANEL weights lie side by side (one vector of outputs) and a panel is one stream of memory;
+    the last ``out % PANEL`` rows follow, plain."""
     rows, cols = weight.shape
-    whole = rows - rows % ROWS
+    whole = rows - rows % PANEL
     out = torch.empty(weight.numel(), dtype=weight.dtype) if out is None else out
-    out[: whole * cols].view(whole // ROWS, cols // CHUNK, ROWS, CHUNK).copy_(weight[:whole].reshape(whole // ROWS, ROWS, cols // CHUNK, CHUNK).transpose(1, 2))
+    out[: whole * cols].view(whole // PANEL, cols, PANEL).copy_(weight[:whole].reshape(whole // PANEL, PANEL, cols).transpose(1, 2))
     out[whole * cols :].copy_(weight[whole:].reshape(-1))
     return out
 
@@ -74,8 +77,8 @@ def load_library() -> dict | None:
     fns: dict = {"int4": bool(lib.decode_step_int4())}
     for dtype, name in FUNCTIONS.items():
         fn = getattr(lib, name)
-        fn.argtypes = ([pointer, pointer, i64, i64, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64, pointer, i64, i64, i64, i64,
-                        pointer] + [i64] * 6 + [ctypes.c_float, ctypes.c_float])
+        fn.argtypes = ([pointer, pointer, i64, i64, pointer, pointer, pointer, pointer, i64, pointer, pointer, pointer, i64, pointer, i64, pointer]
+                       + [i64] * 6 + [ctypes.c_float, ctypes.c_float])
         fn.restype = ctypes.c_int
         fns[dtype] = fn
     return fns
@@ -196,8 +199,8 @@ def _unsupported(model, pool: KVPool) -> str | None:
 
 
 class DecodeStep:
-    """The step of one sequence: :meth:`__call__` returns its next-token logits [1, V] in the model's
-    dtype and writes the new token's K/V into the pool. Built by :meth:`build`."""
+    """The step of a batch of sequences: :meth:`__call__` returns their next-token logits [B, V] in the
+    model's dtype and writes the new tokens' K/V into the pool. Built by :meth:`build`."""
 
     def __init__(self, fn, model, pool: KVPool, layers: torch.Tensor, kinds: torch.Tensor, keep: list[torch.Tensor],
                  head: Product) -> None:
@@ -264,37 +267,49 @@ class DecodeStep:
         kinds = torch.tensor([[pool.groups[i], int(layer.self_attn.kind == "local")] for i, layer in enumerate(model.model.layers)], dtype=torch.int64)
         return cls(fns[dtype], model, pool, torch.tensor(rows, dtype=torch.int64), kinds, keep, head)
 
-    def _rotation(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [1, D] of position ``pos``, as the model's rotary embedding gives them: rows of a
-        table computed once for a range of positions (dynamic scaling's frequencies depend on the
-        position itself, so it is asked each time)."""
+    def _rotation(self, positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [len(positions), D], as the model's rotary embedding gives them: rows of a table
+        computed once for a range of positions (dynamic scaling's frequencies depend on the position
+        itself, so it is asked for each)."""
         if self.rotary.scaling is not None and self.rotary.scaling.type == "dynamic":
-            return self.rotary(torch.tensor([pos]), self.dtype)
-        if pos >= self._cos.shape[0]:
-            self._cos, self._sin = self.rotary(torch.arange(2 * pos + 64), self.dtype)
-        return self._cos[pos : pos + 1], self._sin[pos : pos + 1]
+            pairs = [self.rotary(torch.tensor([pos]), self.dtype) for pos in positions]
+            return torch.cat([c for c, _ in pairs]), torch.cat([sn for _, sn in pairs])
+        if max(positions) >= self._cos.shape[0]:
+            self._cos, self._sin = self.rotary(torch.arange(2 * max(positions) + 64), self.dtype)
+        index = torch.tensor(positions)
+        return self._cos[index], self._sin[index]
 
-    def __call__(self, seq: Sequence, window_table: list[int] | None = None) -> torch.Tensor:
-        """Logits [1, V] of ``seq``'s next token, from its token at position ``num_computed_tokens``
-        (whose K/V this writes); ``window_table``: its table of the pool's window group, if any."""
-        pos, bs = seq.num_computed_tokens, self.pool.block_size
-        token = seq.token_ids[pos]
-        if not 0 <= token < self._embed.shape[0]:
-            raise ValueError(f"token id {token} is outside the model's vocabulary of {self._embed.shape[0]}")
-        cos, sin = self._rotation(pos)
-        table0 = torch.tensor(seq.block_table, dtype=torch.int64)
-        slot0 = seq.block_table[pos // bs] * bs + pos % bs
-        table1, slot1 = None, 0
-        if window_table is not None:
-            table1 = torch.tensor(window_table, dtype=torch.int64)
-            slot1 = window_table[pos // bs] * bs + pos % bs
-        logits = torch.empty(1, self.vocab, dtype=self.dtype)
+    def __call__(self, seqs: list[Sequence], window_tables: list[list[int]] | None = None) -> torch.Tensor:
+        """Logits [len(seqs), V] of each sequence's next token, from its token at position
+        ``num_computed_tokens`` (whose K/V this writes); ``window_tables``: each sequence's table in the
+        pool's window group, if the pool has one."""
+        bs, fields, positions = self.pool.block_size, [], []
+        for i, seq in enumerate(seqs):
+            pos = seq.num_computed_tokens
+            token = seq.token_ids[pos]
+            if not 0 <= token < self._embed.shape[0]:
+                raise ValueError(f"token id {token} is outside the model's vocabulary of {self._embed.shape[0]}")
+            slot1 = 0 if window_tables is None else window_tables[i][pos // bs] * bs + pos % bs
+            fields.append([token, pos + 1, 0, window_start(pos, seq.window), seq.block_table[pos // bs] * bs + pos % bs, slot1])
+            positions.append(pos)
+        cos, sin = self._rotation(positions)
+        rows = torch.tensor(fields, dtype=torch.int64)  # named: a temporary's memory is freed before the call reads it
+        table0 = _padded([seq.block_table for seq in seqs])
+        table1 = None if window_tables is None else _padded(window_tables)
+        logits = torch.empty(len(seqs), self.vocab, dtype=self.dtype)
         status = self._fn(
-            self._layers.data_ptr(), self._kinds.data_ptr(), self._kinds.shape[0], token, self._embed.data_ptr(), self._final.data_ptr(),
-            self._head_fields.data_ptr(), self.vocab, cos.data_ptr(), sin.data_ptr(), table0.data_ptr(), slot0,
-            None if table1 is None else table1.data_ptr(), slot1, pos + 1, 0, window_start(pos, seq.window), logits.data_ptr(),
-            *self._dims, self._eps, self._scale,
+            self._layers.data_ptr(), self._kinds.data_ptr(), self._kinds.shape[0], len(seqs), rows.data_ptr(),
+            self._embed.data_ptr(), self._final.data_ptr(), self._head_fields.data_ptr(), self.vocab, cos.data_ptr(), sin.data_ptr(),
+            table0.data_ptr(), table0.shape[1], None if table1 is None else table1.data_ptr(), 0 if table1 is None else table1.shape[1],
+            logits.data_ptr(), *self._dims, self._eps, self._scale,
         )
         if status:
             raise RuntimeError(f"decode step failed (status {status}: {STATUS.get(status, 'unknown')})")
         return logits
+
+
+def _padded(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as the rows of one int64 tensor, each padded to the longest (the step never reads
+    a table past a sequence's context)."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)

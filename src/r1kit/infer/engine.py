@@ -53,9 +53,9 @@ class EngineConfig:
     # (r1kit.infer.decode_attention), on CUDA a Triton one (r1kit.infer.triton_decode_attention); where
     # neither can run, decodes gather K/V out of the pool as prefills do
     decode_kernel: bool = True
-    # on the CPU (with decode_kernel) a sequence decoding alone runs the whole model in one C call
-    # (r1kit.infer.decode_step); its float products read their own copy of the weights, so False
-    # saves that memory (a float model's weights once more) for a slower batch-1 decode
+    # on the CPU (with decode_kernel) a step of up to 16 decodes alone runs the whole model in one C
+    # call (r1kit.infer.decode_step); its float products read their own copy of the weights, so False
+    # saves that memory (a float model's weights once more) for slower small-batch decodes
     decode_step: bool = True
     # processes the model is split over (r1kit.infer.tensor_parallel): this one is rank 0
     tensor_parallel_size: int = 1

@@ -5,9 +5,10 @@ their new tokens into one row (a :class:`~r1kit.infer.paged_cache.PackedBatch`: 
 first) and returns the logits of each item's newest token (and, for items that ask for prompt
 logprobs, of all its new tokens). One forward per step: a step that mixes prefills with decodes
 reads the weights once, not once per kind. A step of decodes alone is already packed ([B, 1]) and
-goes straight to a :class:`~r1kit.infer.paged_cache.PagedBatch`; one sequence decoding alone, on
-the CPU, takes the one-call step (:class:`~r1kit.infer.decode_step.DecodeStep`) where the model has
-one: no module, view or small tensor per layer. It owns the pool; it never decides what to run (the
+goes straight to a :class:`~r1kit.infer.paged_cache.PagedBatch`, or, on the CPU, up to
+:data:`~r1kit.infer.decode_step.MAX_BATCH` of them, to the one-call step
+(:class:`~r1kit.infer.decode_step.DecodeStep`) where the model has one: no module, view or small
+tensor per layer. It owns the pool; it never decides what to run (the
 scheduler) or what to sample (the sampler).
 """
 
@@ -17,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from r1kit.infer.decode_step import DecodeStep
+from r1kit.infer.decode_step import MAX_BATCH, DecodeStep
 from r1kit.infer.paged_cache import KVPool, PackedBatch, PagedBatch
 from r1kit.infer.sequence import Sequence
 
@@ -56,9 +57,9 @@ class ModelRunner:
 
     @property
     def step(self) -> DecodeStep | None:
-        """The one-call step of a sequence decoding alone, None where the model has none. Built at its
-        first use: an engine that never decodes one sequence alone (large batches, reinforcement
-        learning's updates between steps) never copies its weights into the step's layout."""
+        """The one-call step of a few sequences decoding together, None where the model has none. Built
+        at its first use: an engine that never runs a step of a few decodes alone (large batches,
+        reinforcement learning's updates between steps) never copies its weights into the step's layout."""
         if self._step is True:
             self._step = DecodeStep.build(self._model, self.pool)
         return self._step or None
@@ -88,8 +89,8 @@ class ModelRunner:
         return logits[newest], full
 
     def _run_decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        if len(seqs) == 1 and self.step is not None:
-            return self.step(seqs[0], None if self.window_tables is None else self.window_tables(seqs[0]))
+        if len(seqs) <= MAX_BATCH and self.step is not None:
+            return self.step(seqs, self._window_tables(seqs))
         # every row computes one token: [B, 1] is already packed, and the PagedBatch is the whole view
         view = PagedBatch(
             self.pool, [s.block_table for s in seqs], [s.num_computed_tokens for s in seqs], [1] * len(seqs), [s.window for s in seqs], self.device,

@@ -86,13 +86,16 @@ def sample(
 ) -> list[tuple[int, dict[int, Logprob] | None]]:
     """Next token for each row of ``logits`` [B, V], with its logprobs entry when asked for. The rows of
     constrained sequences are masked in place (float32 ``logits`` are the caller's tensor)."""
-    logits = logits.float()
     guided = [i for i, s in enumerate(seqs) if constrained(s)]
+    forced = [must_close_thinking(s, special) for s in seqs]
+    plain = [_plain_greedy(s, f) for s, f in zip(seqs, forced)]
+    if all(plain) and not guided:
+        # greedy alone: the argmax of bfloat16 logits is their float32 copy's, without the copy
+        return [(t, None) for t in logits.argmax(-1).tolist()]
+    logits = logits.float()
     raw = {i: logits[i].clone() for i in guided if seqs[i].params.logprobs is not None}  # logprobs: the raw distribution
     if guided:
         mask_disallowed(logits, guided, [seqs[i].grammar for i in guided])
-    forced = [must_close_thinking(s, special) for s in seqs]
-    plain = [_plain_greedy(s, f) for s, f in zip(seqs, forced)]
     tokens: list[int] = [0] * len(seqs)
     if any(plain):
         rows = [i for i, ok in enumerate(plain) if ok]
