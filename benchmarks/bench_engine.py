@@ -14,10 +14,10 @@ it prints, in one run:
   only reads its weights, so the read figure is its hardware limit;
 * continuous batching: throughput when the requests arrive two per step (most steps mix prefill
   chunks with decodes, in one forward) against all of them queued at once;
-* decode attention: the engine reading K/V in place (the paged decode kernel: C on the CPU, Triton
-  on CUDA) vs gathering them out of the pool, at the largest batch;
-* batch 1 on the CPU: the whole decode step in one C call (``r1kit.infer.decode_step``) vs the same
-  engine running the model module by module;
+* decode attention: the engine running module by module reading K/V in place (the paged decode
+  kernel: C on the CPU, Triton on CUDA) vs gathering them out of the pool, at the largest batch;
+* on the CPU, at each batch size: the whole decode step in one C call (``r1kit.infer.decode_step``,
+  which takes steps of up to 16 decodes) vs the same engine running the model module by module;
 * time to first token of a ``--prefix-len`` prompt, cold vs with its prefix cached;
 * with ``--profile N``: where the host's time goes in N decode steps of one request (cProfile,
   the 20 functions with the most time of their own; on a GPU, time spent waiting for it lands in
@@ -102,6 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     from r1kit.checkpoints import load_model
+    from r1kit.infer.decode_step import MAX_BATCH
     from r1kit.infer.llm import LLM
 
     bandwidth, read = memory_bandwidth(args.device)
@@ -126,24 +127,23 @@ def main() -> None:
         llm = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
         # the same model (already packed) with decodes gathering K/V out of the pool, as prefills do
         gather = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_kernel=False)
-        # the same engine with a sequence decoding alone going module by module, not in one call (r1kit.infer.decode_step)
-        modules = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len)
-        modules.llm_engine.runner.step = None
+        # the same engine going module by module, not in one call (r1kit.infer.decode_step)
+        modules = LLM(model, max_num_seqs=max(sizes), max_model_len=max_len, decode_step=False)
         time_engine(llm, random_prompts(2, 16, 32000, 99), 4)  # warm-up
         # round-robin rounds; the best of each (the least disturbed by other processes) is reported
         engine = {b: [] for b in sizes}
         ttft = {b: [] for b in sizes}
         hf_tps = {b: [] for b in sizes}
-        reference, gathered, by_module = [], [], []
+        by_module = {b: [] for b in sizes}
+        reference, gathered = [], []
         for _ in range(args.repeats):
             gathered.append(time_engine(gather, random_prompts(max(sizes), args.prompt_len, 32000, max(sizes)), args.new_tokens)["decode_tps"])
-            if 1 in sizes:
-                by_module.append(time_engine(modules, random_prompts(1, args.prompt_len, 32000, 1), args.new_tokens)["decode_tps"])
             reference.append(time_reference(plain, random_prompts(args.reference_requests, args.prompt_len, 32000, 7), args.new_tokens)["decode_tps"])
             for b in sizes:
                 prompts = random_prompts(b, args.prompt_len, 32000, b)
                 eng = time_engine(llm, prompts, args.new_tokens)
                 engine[b].append(eng["decode_tps"])
+                by_module[b].append(time_engine(modules, prompts, args.new_tokens)["decode_tps"])
                 ttft[b].append(eng["ttft"])
                 hf_tps[b].append(time_hf(hf, prompts, args.new_tokens) if hf is not None else float("nan"))
         ref = max(reference)
@@ -157,12 +157,12 @@ def main() -> None:
         if 1 in sizes:
             achieved = nbytes * max(engine[1])
             print(f"batch-1 achieved bandwidth: {achieved / 1e9:.1f} GB/s = {100 * achieved / bandwidth:.0f}% of copy, {100 * achieved / read:.0f}% of read bandwidth")
-        if 1 in sizes:
-            one_call = "one call per step" if llm.llm_engine.runner.step is not None else "no one-call step for this model and device"
-            print(f"batch 1: {one_call} {max(engine[1]):.1f} tok/s, module by module {max(by_module):.1f} tok/s "
-                  f"({max(engine[1]) / max(by_module):.2f}x)")
-        e = max(engine[max(sizes)])
-        print(f"decode attention at batch {max(sizes)}: paged kernel {e:.1f} tok/s, gathering K/V {max(gathered):.1f} tok/s "
+        one_call = "one call per step" if llm.llm_engine.runner.step is not None else "no one-call step for this model and device"
+        for b in sizes:
+            print(f"batch {b}: engine ({one_call} up to {MAX_BATCH} sequences) {max(engine[b]):.1f} tok/s, module by module "
+                  f"{max(by_module[b]):.1f} tok/s ({max(engine[b]) / max(by_module[b]):.2f}x)")
+        e = max(by_module[max(sizes)])
+        print(f"decode attention at batch {max(sizes)}, module by module: paged kernel {e:.1f} tok/s, gathering K/V {max(gathered):.1f} tok/s "
               f"({e / max(gathered):.2f}x)")
         # continuous batching: the same requests arriving a few per step (mixed prefill + decode steps)
         arrivals = random_prompts(2 * max(sizes), args.prompt_len, 32000, 5)
