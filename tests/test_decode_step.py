@@ -133,7 +133,7 @@ def test_bfloat16_step_is_close_to_the_eager_forward(tiny_config):
     with torch.inference_mode():
         for tokens, logits in step_logits(llm, prompt, 5):
             want = model(torch.tensor([tokens]))[0, -1]
-            assert logits.dtype == torch.bfloat16
+            assert logits.dtype == torch.float32 and torch.equal(logits, logits.bfloat16().float())  # bfloat16 values, as float32
             torch.testing.assert_close(logits[0].float(), want.float(), rtol=0.03, atol=0.05)
 
 
@@ -219,3 +219,16 @@ def test_batched_quantized_step_equals_each_sequence_alone(tiny_config, bits):
     model = quantized_model_of(tiny_config, bits, desc_act=True, lm_head=True)
     prompts = prompts_of([3, 9, 14, 6, 11], vocab=64)
     assert batch_against_alone(LLM(model, block_size=4, num_kv_blocks=96), prompts, 6) == (len(prompts), True)
+
+
+def test_bfloat16_quantized_step_is_close_to_the_dequantized_model(tiny_config):
+    model = quantized_model_of(tiny_config, 8, dtype=torch.bfloat16)
+    reference = dequantized_copy(model)
+    llm = LLM(model, block_size=4, num_kv_blocks=32)
+    assert llm.llm_engine.runner.step is not None
+    [prompt] = prompts_of([6])
+    with torch.inference_mode():
+        for tokens, logits in step_logits(llm, prompt, 5):
+            want = reference(torch.tensor([tokens]))[0, -1].float()
+            assert logits.dtype == torch.float32 and torch.equal(logits, logits.bfloat16().float())  # bfloat16 values, as float32
+            torch.testing.assert_close(logits[0].float(), want, rtol=0, atol=0.08 * float(want.abs().max()))

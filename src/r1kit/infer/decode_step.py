@@ -199,8 +199,8 @@ def _unsupported(model, pool: KVPool) -> str | None:
 
 
 class DecodeStep:
-    """The step of a batch of sequences: :meth:`__call__` returns their next-token logits [B, V] in the
-    model's dtype and writes the new tokens' K/V into the pool. Built by :meth:`build`."""
+    """The step of a batch of sequences: :meth:`__call__` returns their next-token logits [B, V] (float32
+    holding values of the model's dtype) and writes the new tokens' K/V into the pool. Built by :meth:`build`."""
 
     def __init__(self, fn, model, pool: KVPool, layers: torch.Tensor, kinds: torch.Tensor, keep: list[torch.Tensor],
                  head: Product) -> None:
@@ -296,7 +296,7 @@ class DecodeStep:
         rows = torch.tensor(fields, dtype=torch.int64)  # named: a temporary's memory is freed before the call reads it
         table0 = _padded([seq.block_table for seq in seqs])
         table1 = None if window_tables is None else _padded(window_tables)
-        logits = torch.empty(len(seqs), self.vocab, dtype=self.dtype)
+        logits = torch.empty(len(seqs), self.vocab)  # float32, rounded to the model's dtype: the sampler reads float32
         status = self._fn(
             self._layers.data_ptr(), self._kinds.data_ptr(), self._kinds.shape[0], len(seqs), rows.data_ptr(),
             self._embed.data_ptr(), self._final.data_ptr(), self._head_fields.data_ptr(), self.vocab, cos.data_ptr(), sin.data_ptr(),

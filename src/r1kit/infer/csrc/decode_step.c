@@ -196,11 +196,12 @@ static inline void NAME##_norm(const T *x, const T *w, float *y, int64_t batch, 
     }                                                                                                   \
 }                                                                                                       \
 /* count outputs [o, o + count) of a product, acc, into y from element i: mode 0: round(acc + bias);    \
- * mode 1: round(y + round(acc)) (a residual add); mode 2: acc as it is, into float. The mode is        \
- * chosen once, outside the loops, so each loop vectorizes. */                                          \
+ * mode 1: round(y + round(acc)) (a residual add); mode 2: round(acc) kept in float (no bias). The mode \
+ * is chosen once, outside the loops, so each loop vectorizes. */                                       \
 static inline void NAME##_emit(void *y, int64_t i, const float *acc, const float *bias, int64_t o, int count, int mode) { \
     if (mode == 2) {                                                                                    \
-        memcpy((float *)y + i, acc, sizeof(float) * count);                                             \
+        float *out = (float *)y + i;                                                                    \
+        for (int j = 0; j < count; ++j) out[j] = ROUND(acc[j]);                                         \
     } else if (mode == 1) {                                                                             \
         T *out = (T *)y + i;                                                                            \
         for (int j = 0; j < count; ++j) out[j] = STORE(LOAD(out, j) + ROUND(acc[j]));                   \
@@ -267,7 +268,7 @@ static inline void NAME##_activate(const float *gu, float *x, int64_t batch, int
 }                                                                                                       \
 int NAME(const int64_t *layers, const int64_t *kinds, int64_t num_layers, int64_t batch, const int64_t *seqs, const T *embed, \
          const T *final_norm, const int64_t *head, int64_t vocab, const T *cos, const T *sin,           \
-         const int64_t *tables0, int64_t stride0, const int64_t *tables1, int64_t stride1, T *logits,   \
+         const int64_t *tables0, int64_t stride0, const int64_t *tables1, int64_t stride1, float *logits, \
          int64_t d, int64_t hq, int64_t hkv, int64_t dim, int64_t ffn, int64_t block_size, float eps,  \
          float scale) {                                                                                 \
     const int64_t group = hq / hkv, width = (hq + 2 * hkv) * dim, widest = d > ffn ? (d > hq * dim ? d : hq * dim) : (ffn > hq * dim ? ffn : hq * dim); \
@@ -329,7 +330,7 @@ int NAME(const int64_t *layers, const int64_t *kinds, int64_t num_layers, int64_
         }                                                                                               \
         if (ready) {                                                                                    \
             NAME##_norm(x, final_norm, s.xf, batch, d, eps);                                            \
-            NAME##_product(head, &s, logits, batch, vocab, d, 0);                                       \
+            NAME##_product(head, &s, logits, batch, vocab, d, 2);                                       \
         }                                                                                               \
         scratch_free(&s); free(qs); free(os); free(kr); free(scores);                                   \
     }                                                                                                   \
